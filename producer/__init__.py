@@ -1,0 +1,41 @@
+"""vqueue's producer side: the job/result protocol, settings and the client. No GPU stack."""
+
+from producer.client import Client
+from producer.errors import EngineDead, InvalidJob, JobError, JobFailed, JobTimeout, VQueueError
+from producer.protocol import (
+    AssistantMessage,
+    ChatJob,
+    ChatMessage,
+    Choice,
+    CompletionJob,
+    FinishReason,
+    JobResult,
+    Sampling,
+    TextPart,
+    Timings,
+    Usage,
+)
+from producer.settings import Settings, get_settings
+
+__all__ = [
+    "AssistantMessage",
+    "ChatJob",
+    "ChatMessage",
+    "Choice",
+    "Client",
+    "CompletionJob",
+    "EngineDead",
+    "FinishReason",
+    "InvalidJob",
+    "JobError",
+    "JobFailed",
+    "JobResult",
+    "JobTimeout",
+    "Sampling",
+    "Settings",
+    "TextPart",
+    "Timings",
+    "Usage",
+    "VQueueError",
+    "get_settings",
+]

@@ -1,0 +1,170 @@
+"""The producer's Python API: submit jobs, read their results back from Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+
+from producer import keys
+from producer.errors import JobFailed, JobTimeout
+from producer.protocol import ChatJob, CompletionJob, JobResult
+from producer.settings import Settings, get_settings
+from producer.transport import make_celery
+
+#: Celery states after which nothing more happens to a job.
+TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+_MGET_CHUNK = 1000
+
+AnyJob = CompletionJob | ChatJob
+
+
+class Client:
+    """Submits jobs to the model queues and polls Redis for their results.
+
+    :param settings: defaults to ``get_settings()`` (``settings.toml`` + environment).
+
+    ``result`` raises ``JobFailed`` or ``JobTimeout``; ``as_completed`` yields each
+    ``JobResult``, or the ``JobFailed`` of a job that failed, in the order they finish.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._celery = make_celery(self.settings, name="vqueue-producer")
+        self._redis = redis.Redis.from_url(self.settings.redis.url)
+
+    def close(self) -> None:
+        self._redis.close()
+        self._celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting --------------------------------------------------------------------
+
+    def submit(self, job: AnyJob) -> str:
+        """Enqueue one job on its model's queue; returns the job id."""
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: Iterable[AnyJob]) -> list[str]:
+        """Enqueue many jobs over one broker connection; returns their ids in order."""
+        ids: list[str] = []
+        with self._celery.producer_or_acquire() as producer:
+            for job in jobs:
+                self._send(job, producer)
+                ids.append(job.id)
+        return ids
+
+    def _send(self, job: AnyJob, producer: Any) -> None:
+        # Re-validate: a model mutated after construction must not reach the wire unchecked.
+        job = type(job).model_validate(job.model_dump())
+        self._celery.send_task(
+            keys.GENERATE_TASK,
+            args=[job.model_dump(mode="json")],
+            task_id=job.id,
+            queue=keys.queue_for(job.model),
+            producer=producer,
+            argsrepr=self._argsrepr(job),
+            kwargsrepr="{}",
+        )
+
+    def _argsrepr(self, job: AnyJob) -> str:
+        """What Flower and worker logs show: the job's head, never a whole prompt."""
+        limit = self.settings.producer.argsrepr_chars
+        if isinstance(job, CompletionJob):
+            body = job.prompt
+        else:
+            body = " | ".join(
+                f"{m.role}: {m.content if isinstance(m.content, str) else ' '.join(_part_repr(p) for p in m.content)}"
+                for m in job.messages
+            )
+        if len(body) > limit:
+            body = body[:limit] + f"... ({len(body)} chars)"
+        return f"{job.kind} {job.model} max_tokens={job.sampling.max_tokens}: {body}"
+
+    # -- reading results ---------------------------------------------------------------
+
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """The job's result, waiting up to ``timeout`` seconds (default from settings)."""
+        for outcome in self.as_completed([job_id], timeout=timeout):
+            if isinstance(outcome, JobFailed):
+                raise outcome
+            return outcome
+        raise AssertionError("unreachable: as_completed yields or raises")
+
+    def as_completed(self, job_ids: Iterable[str], timeout: float | None = None) -> Iterator[JobResult | JobFailed]:
+        """Yield each job's ``JobResult`` (or ``JobFailed``) as it finishes.
+
+        Polls with one MGET per ``producer.poll_interval_s`` for all pending jobs; raises
+        ``JobTimeout`` naming the first unfinished job when ``timeout`` runs out.
+        """
+        timeout = self.settings.producer.default_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        pending = list(dict.fromkeys(job_ids))
+        while pending:
+            still: list[str] = []
+            for start in range(0, len(pending), _MGET_CHUNK):
+                chunk = pending[start : start + _MGET_CHUNK]
+                for job_id, raw in zip(chunk, self._redis.mget([keys.result_key(j) for j in chunk]), strict=True):
+                    outcome = _decode(job_id, raw)
+                    if outcome is None:
+                        still.append(job_id)
+                    else:
+                        yield outcome
+            pending = still
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise JobTimeout(pending[0], self._where_is(pending[0], timeout, len(pending)))
+            time.sleep(self.settings.producer.poll_interval_s)
+
+    def state(self, job_id: str) -> str:
+        """Celery's state of the job: PENDING (queued or unknown), STARTED, SUCCESS, FAILURE."""
+        raw = self._redis.get(keys.result_key(job_id))
+        return "PENDING" if raw is None else json.loads(raw)["status"]
+
+    def queue_length(self, model: str) -> int:
+        """Jobs waiting in ``model``'s queue, not yet taken by any worker."""
+        return int(self._redis.llen(keys.queue_for(model)))
+
+    def _where_is(self, job_id: str, timeout: float, n_pending: int) -> str:
+        state = self.state(job_id)
+        others = f" ({n_pending - 1} other jobs also unfinished)" if n_pending > 1 else ""
+        if state == "STARTED":
+            return f"job {job_id} is still running after {timeout:g} s{others}; wait longer or raise the timeout."
+        queues = [q.decode() for q in self._redis.scan_iter(match=f"{keys.QUEUE_PREFIX}*", count=1000)]
+        waiting = ", ".join(f"{q} ({self._redis.llen(q)} waiting)" for q in sorted(queues)) or "none"
+        return (
+            f"job {job_id} has no result after {timeout:g} s and no worker has started it{others}. "
+            f"Queues with waiting jobs: {waiting}. If its model's queue is listed, no worker serving that "
+            f"model is keeping up or running: start one with VQUEUE_MODEL__SERVED_NAME=<model> celery -A worker worker."
+        )
+
+
+def _part_repr(part: Any) -> str:
+    return part.text if getattr(part, "type", None) == "text" else f"<{getattr(part, 'type', 'part')}>"
+
+
+def _decode(job_id: str, raw: bytes | None) -> JobResult | JobFailed | None:
+    """A terminal outcome from Celery's stored meta, or None while the job is unfinished."""
+    if raw is None:
+        return None
+    meta = json.loads(raw)
+    status = meta.get("status")
+    if status not in TERMINAL_STATES:
+        return None
+    if status == "SUCCESS":
+        return JobResult.model_validate(meta["result"])
+    error = meta.get("result") or {}
+    if isinstance(error, dict):
+        message = error.get("exc_message")
+        if isinstance(message, list | tuple):
+            message = " ".join(str(m) for m in message)
+        return JobFailed(job_id, str(error.get("exc_type", status)), str(message))
+    return JobFailed(job_id, status, str(error))

@@ -1,0 +1,44 @@
+"""Every name vqueue uses in Redis and Celery, in one place.
+
+Redis keys (db of ``redis.url``):
+
+=================================  =======  ==============================================
+key                                type     holds
+=================================  =======  ==============================================
+``vqueue.<served_name>``           list     the model's queue: Celery messages (JSON), the
+                                            broker's; one queue per served model name
+``celery-task-meta-<job id>``      string   Celery's result backend: JSON ``{"status",
+                                            "result", ...}``; ``result`` is a ``JobResult``
+                                            or an error; TTL ``redis.result_ttl_s``.
+                                            Celery builds this key (``task_keyprefix``);
+                                            ``result_key`` mirrors it for polling
+``unacked`` / ``unacked_index``    hash /   Celery's late-ack bookkeeping (kombu): jobs
+                                   zset     reserved by a worker, delivered again after
+                                            ``redis.visibility_timeout_s``
+``_kombu.binding.*``               set      kombu's queue bindings
+``vqueue:attempt:<job id>``        string   how many times a worker started the job (INCR);
+                                            TTL ``redis.result_ttl_s``
+=================================  =======  ==============================================
+"""
+
+from __future__ import annotations
+
+#: The one Celery task that runs a job (completion or chat).
+GENERATE_TASK = "vqueue.generate"
+
+QUEUE_PREFIX = "vqueue."
+RESULT_KEY_PREFIX = "celery-task-meta-"  # Celery's BaseKeyValueStoreBackend.task_keyprefix
+ATTEMPT_KEY_PREFIX = "vqueue:attempt:"
+
+
+def queue_for(served_name: str) -> str:
+    """The Redis list (Celery queue) that workers serving ``served_name`` consume."""
+    return f"{QUEUE_PREFIX}{served_name}"
+
+
+def result_key(job_id: str) -> str:
+    return f"{RESULT_KEY_PREFIX}{job_id}"
+
+
+def attempt_key(job_id: str) -> str:
+    return f"{ATTEMPT_KEY_PREFIX}{job_id}"

@@ -1,0 +1,124 @@
+"""One settings model for producers and workers.
+
+Values come from, highest priority first: keyword arguments, environment variables
+(prefix ``VQUEUE_``, sections nested with ``__``: ``VQUEUE_MODEL__SOURCE``), the TOML file
+named by ``VQUEUE_SETTINGS`` (default ``./settings.toml`` when it exists), then the
+defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+SETTINGS_ENV = "VQUEUE_SETTINGS"
+DEFAULT_SETTINGS_FILE = "settings.toml"
+
+
+class _Section(BaseModel):
+    # A typo in settings.toml must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Longer than the longest job may wait reserved plus run: a job held longer
+    #: than this by a live worker is delivered again (Celery's Redis caveat).
+    visibility_timeout_s: int = Field(3600, ge=60)
+    #: Results stay readable this long after a job ends.
+    result_ttl_s: int = Field(86400, ge=60)
+
+
+class ModelSettings(_Section):
+    #: A local folder, or a ModelScope model id such as ``Qwen/Qwen2-VL-2B-Instruct``.
+    source: str = "Qwen/Qwen2-VL-2B-Instruct"
+    #: The name producers address; also names the worker's queue.
+    served_name: str = "Qwen2-VL-2B-Instruct"
+    revision: str | None = None
+    #: ModelScope download folder (None: ModelScope's default, ~/.cache/modelscope).
+    cache_dir: str | None = None
+
+
+class EngineSettings(_Section):
+    max_model_len: int = Field(4096, ge=16)
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    #: AsyncLLMEngine's own defaults (128 / 2048) cost 14-26 % on an H100.
+    max_num_seqs: int = Field(1024, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=16)
+    enforce_eager: bool = False
+    seed: int = 0
+    load_format: str = "auto"
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 2, "video": 0})
+    #: Any other ``AsyncEngineArgs`` field, passed through unchanged.
+    extra_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkerSettings(_Section):
+    #: Jobs in the engine at once: the threads pool's concurrency.
+    max_in_flight: int = Field(256, ge=1)
+    #: How often the engine logs its own counters (running / waiting requests).
+    log_stats_interval_s: float = Field(10.0, gt=0)
+
+
+class ProducerSettings(_Section):
+    #: Polling pace of ``Client.result`` / ``as_completed``.
+    poll_interval_s: float = Field(0.05, gt=0)
+    default_timeout_s: float = Field(600.0, gt=0)
+    #: Characters of a prompt that Flower and logs show.
+    argsrepr_chars: int = Field(200, ge=0)
+
+
+class Settings(BaseSettings):
+    """Every setting of vqueue, in sections (``redis``, ``model``, ``engine``, ``worker``,
+    ``producer``). Build one directly in tests: ``Settings(redis={"url": ...})``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VQUEUE_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    redis: RedisSettings = RedisSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    worker: WorkerSettings = WorkerSettings()
+    producer: ProducerSettings = ProducerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The order is the priority: arguments, then env, then the TOML file.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=settings_file())
+
+
+def settings_file() -> Path | None:
+    """The TOML file in use: ``$VQUEUE_SETTINGS``, else ``./settings.toml`` if present."""
+    named = os.environ.get(SETTINGS_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise FileNotFoundError(f"{SETTINGS_ENV}={named} names no file; point it at a settings TOML file.")
+        return path
+    default = Path(DEFAULT_SETTINGS_FILE)
+    return default if default.is_file() else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

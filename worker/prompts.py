@@ -1,0 +1,47 @@
+"""Turning a job into the engine's input, through vLLM's own renderer.
+
+Chat jobs go through the model's chat template (``engine.renderer.render_chat_async``, the
+path vLLM's OpenAI server takes), never string concatenation. The rendered prompt carries
+its token ids, so the worker knows the prompt length before the engine sees the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.errors import InvalidJob
+from producer.protocol import ChatJob, CompletionJob
+
+
+def client_errors() -> tuple[type[Exception], ...]:
+    """The exceptions vLLM raises for bad input (not ValueErrors in 0.32)."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # pragma: no cover - older vLLM
+        return (ValueError,)
+    return (VLLMValidationError, ValueError)
+
+
+_CHAT_KWARGS = {"add_generation_prompt": True}  # else the prompt ends without the assistant header
+
+
+async def render(renderer: Any, job: CompletionJob | ChatJob) -> dict[str, Any]:
+    """The engine prompt (a dict with ``prompt_token_ids``) for ``job``."""
+    from vllm.renderers import ChatParams
+
+    try:
+        if isinstance(job, CompletionJob):
+            (prompt,) = await renderer.render_cmpl_async([{"prompt": job.prompt}])
+        else:
+            messages = [m.model_dump(mode="json", exclude_none=True) for m in job.messages]
+            _, (prompt,) = await renderer.render_chat_async(
+                [messages], ChatParams(chat_template_kwargs=dict(_CHAT_KWARGS))
+            )
+    except client_errors() as exc:
+        field = "prompt" if isinstance(job, CompletionJob) else "messages"
+        raise InvalidJob(field, str(exc)) from None
+    return prompt
+
+
+def prompt_length(prompt: dict[str, Any]) -> int:
+    return len(prompt["prompt_token_ids"])

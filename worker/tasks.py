@@ -1,0 +1,58 @@
+"""The Celery task: thin. Parse the job, run it on the engine holder, return the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+from celery.worker import state
+from pydantic import ValidationError
+
+from producer import keys
+from producer.errors import EngineDead, InvalidJob
+from producer.protocol import JobResult, parse_job
+from worker.celery_app import app, holder, settings
+
+log = logging.getLogger(__name__)
+
+
+def invalid_job_from(exc: ValidationError) -> InvalidJob:
+    """The first validation error as an ``InvalidJob`` naming its field."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "job"
+    more = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
+    return InvalidJob(field, f"{err['msg']}{more}")
+
+
+def record_attempt(job_id: str) -> int:
+    """Count the starts of this job (1 on first delivery, 2 after a redelivery, ...)."""
+    client = app.backend.client
+    key = keys.attempt_key(job_id)
+    with client.pipeline() as pipe:
+        attempt, _ = pipe.incr(key).expire(key, settings.redis.result_ttl_s).execute()
+    return int(attempt)
+
+
+# The job is validated here rather than with Celery's pydantic=True so that a bad job ends
+# as an InvalidJob naming the field (not a pydantic traceback), and the worker decides.
+@app.task(name=keys.GENERATE_TASK, bind=True, throws=(InvalidJob,))
+def generate(self: Task, payload: Any) -> dict[str, Any]:
+    started_at = time.time()
+    try:
+        job = parse_job(payload)
+    except ValidationError as exc:
+        raise invalid_job_from(exc) from None
+    attempt = record_attempt(job.id)
+    try:
+        result: JobResult = holder.run_job(job, started_at=started_at, worker=self.request.hostname, attempt=attempt)
+    except EngineDead as exc:
+        # Hand the job back and stop this worker with a failure code, so that its
+        # supervisor starts a fresh one; no job is failed for the engine's death.
+        log.error("%s; requeueing job %s and stopping the worker", exc, job.id)
+        state.should_stop = os.EX_SOFTWARE
+        raise Reject(str(exc), requeue=True) from None
+    return result.model_dump(mode="json")
