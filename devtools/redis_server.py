@@ -27,6 +27,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: run `apt-get install -y redis-server` "
                                "(scripts/setup.sh does) or put it on PATH.")
         self.dir = Path(directory or tempfile.mkdtemp(prefix="vqueue-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log = open(self.dir / "redis.log", "wb")  # noqa: SIM115 - closed in close()

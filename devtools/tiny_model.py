@@ -50,7 +50,7 @@ PROCESSOR = {"size": {"shortest_edge": 3136, "longest_edge": 50176}, "patch_size
              "merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
 
 
-def build_tokenizer(out: Path):  # noqa: ANN201 - a transformers tokenizer
+def build_tokenizer(out: Path):
     from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter

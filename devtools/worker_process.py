@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 
 #: vLLM on a CPU: a small KV cache, OpenMP bound to one core, never the hub, caches in a
 #: temp folder (vLLM otherwise writes to ~/.cache/vllm and leaves IPC sockets in $TMPDIR).
@@ -92,10 +94,8 @@ class WorkerProcess:
         self._reap_group()
 
     def _reap_group(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self._log.close()
 
     def __enter__(self) -> WorkerProcess:

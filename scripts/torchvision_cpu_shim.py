@@ -12,7 +12,7 @@ import sys
 
 
 class _DefineOpsFirst(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201
+    def find_spec(self, name, path=None, target=None):
         if name == "torchvision._meta_registrations":
             sys.meta_path.remove(self)
             import torch

@@ -7,15 +7,19 @@ on ``worker_init``, before the worker takes any job, and shut down on ``worker_s
 from __future__ import annotations
 
 import logging
+import subprocess
 from typing import Any
 
 from celery import signals
 from kombu import Queue
+from kombu.exceptions import ContentDisallowed
 
 from producer import keys
+from producer.errors import InvalidJob
 from producer.settings import get_settings
 from producer.transport import make_celery
 from worker.engine import EngineHolder
+from worker.reaper import start_reaper
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ app.conf.update(
 )
 
 holder = EngineHolder(settings)
+_reaper: subprocess.Popen | None = None
 
 
 @signals.worker_init.connect
@@ -51,9 +56,26 @@ def _start_engine(**_: Any) -> None:
     log.info("vqueue worker: model %r from %s, queue %s, %d jobs in flight at most",
              settings.model.served_name, settings.model.source, keys.queue_for(settings.model.served_name),
              settings.worker.max_in_flight)
+    global _reaper
+    _reaper = start_reaper()
     holder.start()
+
+
+@signals.task_rejected.connect
+def _fail_refused_message(message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
+    """A message the worker will not decode (pickle, say) gets a failed result, so that its
+    producer hears why at once instead of waiting for a timeout."""
+    if not isinstance(exc, ContentDisallowed) or message is None:
+        return
+    job_id = (message.headers or {}).get("id")
+    if job_id:
+        app.backend.mark_as_failure(job_id, InvalidJob(
+            "content_type", f"{message.content_type} messages are refused; vqueue accepts JSON only "
+            "(submit with producer.Client, or send_task(..., serializer='json'))"))
 
 
 @signals.worker_shutdown.connect
 def _stop_engine(**_: Any) -> None:
     holder.stop()
+    if _reaper is not None:
+        _reaper.terminate()

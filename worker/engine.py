@@ -98,7 +98,7 @@ class EngineHolder:
             await asyncio.sleep(self.settings.worker.log_stats_interval_s)
             try:
                 await self.engine.do_log_stats()
-            except Exception:  # noqa: BLE001 - stats must never take the loop down
+            except Exception:
                 log.debug("do_log_stats failed", exc_info=True)
 
     # -- jobs ----------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""The job/result protocol: bad input is refused at submit with an error naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+import producer
+from producer import ChatJob, CompletionJob, Sampling
+from producer.protocol import parse_job
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: CompletionJob(model="m", prompt=""), "prompt"),
+        (lambda: CompletionJob(model="", prompt="x"), "model"),
+        (lambda: CompletionJob(model="m", prompt="x", max_token=5), "max_token"),
+        (lambda: Sampling(max_tokens=0), "max_tokens"),
+        (lambda: Sampling(temperature=-0.1), "temperature"),
+        (lambda: Sampling(top_p=0), "top_p"),
+        (lambda: Sampling(stop=[""]), "stop"),
+        (lambda: Sampling(repetition_penalty=0), "repetition_penalty"),
+        (lambda: ChatJob(model="m", messages=[]), "messages"),
+        (lambda: ChatJob(model="m", messages=[{"role": "robot", "content": "x"}]), "role"),
+        (lambda: ChatJob(model="m", messages=[{"role": "user", "content": []}]), "content"),
+        (lambda: CompletionJob(model="m", prompt="x", id="has space"), "id"),
+    ],
+)
+def test_bad_input_names_the_field(build, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        build()
+    assert field in str(info.value)
+
+
+def test_job_round_trips_through_json() -> None:
+    job = ChatJob(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                  sampling=Sampling(max_tokens=3, stop="END"))
+    again = parse_job(job.model_dump(mode="json"))
+    assert again == job
+    assert again.sampling.stop == ["END"]
+
+
+def test_public_api_is_pinned() -> None:
+    assert set(producer.__all__) == {
+        "AssistantMessage", "ChatJob", "ChatMessage", "Choice", "Client", "CompletionJob", "EngineDead",
+        "FinishReason", "InvalidJob", "JobError", "JobFailed", "JobResult", "JobTimeout", "Sampling", "Settings",
+        "TextPart", "Timings", "Usage", "VQueueError", "get_settings",
+    }  # fmt: skip
+
+
+def test_producer_imports_no_gpu_stack() -> None:
+    code = "import sys, producer, producer.cli; bad = {'vllm', 'torch', 'worker'} & set(sys.modules); print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "set()"

