@@ -1,0 +1,88 @@
+"""No job lost: engine death hands jobs back, SIGTERM finishes them, SIGKILL leaves no engine behind.
+
+These start their own workers on their own model queue, so the session worker is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from devtools.worker_process import WorkerProcess, tiny_model_env
+from producer import Client, CompletionJob, Sampling
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "tiny-resilience"
+LONG = Sampling(max_tokens=400, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture
+def env(worker_env: dict, tiny_model: Path, redis_server) -> dict:
+    return {**worker_env, **tiny_model_env(tiny_model, redis_server.url, MODEL)}
+
+
+def start(env: dict, tmp_path: Path, name: str) -> WorkerProcess:
+    worker = WorkerProcess(env, log_path=tmp_path / f"{name}.log", cwd=ROOT, extra_args=("-n", f"{name}@%h"))
+    worker.wait_ready()
+    return worker
+
+
+def wait_started(client: Client, ids: list[str], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(client.state(i) != "STARTED" for i in ids):
+        assert time.monotonic() < deadline, "jobs did not start"
+        time.sleep(0.1)
+
+
+def engine_processes(worker: WorkerProcess) -> list[psutil.Process]:
+    return [p for p in psutil.Process(worker.proc.pid).children(recursive=True) if "reaper" not in " ".join(p.cmdline())]
+
+
+def test_engine_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Client, tmp_path: Path) -> None:
+    # Given a worker with 8 long jobs in its engine
+    first = start(env, tmp_path, "first")
+    ids = client.submit_many([CompletionJob(model=MODEL, prompt=f"long {i}", sampling=LONG) for i in range(8)])
+    try:
+        wait_started(client, ids)
+        # When its engine process dies
+        core = [p for p in engine_processes(first) if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+        assert core, f"no EngineCore among {[p.name() for p in engine_processes(first)]}"
+        core[0].kill()
+        # Then the worker exits with a failure code and hands every job back, failing none
+        assert first.proc.wait(120) == os.EX_SOFTWARE
+        assert client.queue_length(MODEL) == 8
+        assert all(client.state(i) == "STARTED" for i in ids)  # not FAILURE
+    finally:
+        first.kill()
+    # And a fresh worker runs them all, as second attempts
+    second = start(env, tmp_path, "second")
+    try:
+        results = list(client.as_completed(ids, timeout=300))
+        assert sorted(r.id for r in results) == sorted(ids)
+        assert all(r.attempt == 2 and r.usage.completion_tokens == 400 for r in results)
+        assert all(r.worker.startswith("second@") for r in results)
+
+        # SIGTERM is a warm shutdown: jobs in flight finish, the worker exits 0
+        more = client.submit_many([CompletionJob(model=MODEL, prompt=f"term {i}", sampling=LONG) for i in range(8)])
+        wait_started(client, more)
+        assert second.terminate() == 0
+        assert [client.state(i) for i in more] == ["SUCCESS"] * 8
+    finally:
+        second.kill()
+
+
+def test_sigkilled_worker_leaves_no_engine_processes(env, tmp_path: Path) -> None:
+    worker = start(env, tmp_path, "killed")
+    try:
+        engine = engine_processes(worker)
+        assert engine, "the engine runs in child processes"
+        worker.proc.kill()  # the main process only, as the OOM killer would
+        worker.proc.wait()
+        gone, alive = psutil.wait_procs(engine, timeout=15)
+        assert not alive, f"engine processes outlived the worker: {[p.pid for p in alive]}"
+    finally:
+        worker.kill()
