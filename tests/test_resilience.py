@@ -39,7 +39,8 @@ def wait_started(client: Client, ids: list[str], timeout_s: float = 60) -> None:
 
 
 def engine_processes(worker: WorkerProcess) -> list[psutil.Process]:
-    return [p for p in psutil.Process(worker.proc.pid).children(recursive=True) if "reaper" not in " ".join(p.cmdline())]
+    children = psutil.Process(worker.proc.pid).children(recursive=True)
+    return [p for p in children if "worker.reaper" not in " ".join(p.cmdline())]
 
 
 def test_engine_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Client, tmp_path: Path) -> None:
@@ -82,7 +83,7 @@ def test_sigkilled_worker_leaves_no_engine_processes(env, tmp_path: Path) -> Non
         assert engine, "the engine runs in child processes"
         worker.proc.kill()  # the main process only, as the OOM killer would
         worker.proc.wait()
-        gone, alive = psutil.wait_procs(engine, timeout=15)
+        _, alive = psutil.wait_procs(engine, timeout=15)
         assert not alive, f"engine processes outlived the worker: {[p.pid for p in alive]}"
     finally:
         worker.kill()
