@@ -56,9 +56,9 @@ class WorkerProcess:
                  extra_args: tuple[str, ...] = ()) -> None:
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vqueue-worker-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        celery = str(Path(sys.executable).with_name("celery"))
+        # `python -m celery` is the `celery` script, also where no script was installed (--target installs).
         self.proc = subprocess.Popen(
-            [celery, "-A", "worker", "worker", "--loglevel", "INFO", *extra_args],
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", *extra_args],
             env={**os.environ, **env}, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

@@ -11,6 +11,7 @@ import redis
 
 from producer import keys
 from producer.errors import JobFailed, JobTimeout
+from producer.images import check_images
 from producer.protocol import ChatJob, CompletionJob, JobResult
 from producer.settings import Settings, get_settings
 from producer.transport import make_celery
@@ -64,6 +65,8 @@ class Client:
     def _send(self, job: AnyJob, producer: Any) -> None:
         # Re-validate: a model mutated after construction must not reach the wire unchecked.
         job = type(job).model_validate(job.model_dump())
+        if isinstance(job, ChatJob):
+            check_images(job, self.settings.images)
         self._celery.send_task(
             keys.GENERATE_TASK,
             args=[job.model_dump(mode="json")],
@@ -78,7 +81,7 @@ class Client:
         """What Flower and worker logs show: the job's head, never a whole prompt."""
         limit = self.settings.producer.argsrepr_chars
         if isinstance(job, CompletionJob):
-            body = job.prompt
+            body = job.prompt if isinstance(job.prompt, str) else f"<{len(job.prompt)} token ids>"
         else:
             body = " | ".join(
                 f"{m.role}: {m.content if isinstance(m.content, str) else ' '.join(_part_repr(p) for p in m.content)}"
@@ -101,28 +104,47 @@ class Client:
     def as_completed(self, job_ids: Iterable[str], timeout: float | None = None) -> Iterator[JobResult | JobFailed]:
         """Yield each job's ``JobResult`` (or ``JobFailed``) as it finishes.
 
-        Polls with one MGET per ``producer.poll_interval_s`` for all pending jobs; raises
-        ``JobTimeout`` naming the first unfinished job when ``timeout`` runs out.
+        Listens on the Redis channels Celery's backend publishes each result to, so a result
+        arrives the moment it is written; an MGET sweep every ``producer.poll_interval_s``
+        is the safety net. Raises ``JobTimeout`` naming the first unfinished job when
+        ``timeout`` runs out.
         """
         timeout = self.settings.producer.default_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        pending = list(dict.fromkeys(job_ids))
-        while pending:
-            still: list[str] = []
-            for start in range(0, len(pending), _MGET_CHUNK):
-                chunk = pending[start : start + _MGET_CHUNK]
-                for job_id, raw in zip(chunk, self._redis.mget([keys.result_key(j) for j in chunk]), strict=True):
-                    outcome = _decode(job_id, raw)
-                    if outcome is None:
-                        still.append(job_id)
-                    else:
-                        yield outcome
-            pending = still
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                raise JobTimeout(pending[0], self._where_is(pending[0], timeout, len(pending)))
-            time.sleep(self.settings.producer.poll_interval_s)
+        pending = dict.fromkeys(job_ids)
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            for chunk in _chunks(list(pending)):
+                pubsub.subscribe(*(keys.result_key(j) for j in chunk))
+            next_sweep = 0.0  # the first sweep finds results written before we subscribed
+            while pending:
+                now = time.monotonic()
+                if now >= next_sweep:
+                    yield from self._sweep(pending)
+                    next_sweep = now + self.settings.producer.poll_interval_s
+                    continue
+                if now >= deadline:
+                    first = next(iter(pending))
+                    raise JobTimeout(first, self._where_is(first, timeout, len(pending)))
+                message = pubsub.get_message(timeout=min(deadline, next_sweep) - now)
+                if message is None or message["type"] != "message":
+                    continue
+                job_id = message["channel"].decode()[len(keys.RESULT_KEY_PREFIX) :]
+                outcome = _decode(job_id, message["data"])
+                if outcome is not None and job_id in pending:
+                    del pending[job_id]
+                    yield outcome
+        finally:
+            pubsub.close()
+
+    def _sweep(self, pending: dict[str, None]) -> Iterator[JobResult | JobFailed]:
+        """Yield (and drop from ``pending``) every job whose result is already stored."""
+        for chunk in _chunks(list(pending)):
+            for job_id, raw in zip(chunk, self._redis.mget([keys.result_key(j) for j in chunk]), strict=True):
+                outcome = _decode(job_id, raw)
+                if outcome is not None:
+                    del pending[job_id]
+                    yield outcome
 
     def state(self, job_id: str) -> str:
         """Celery's state of the job: PENDING (queued or unknown), STARTED, SUCCESS, FAILURE."""
@@ -147,8 +169,14 @@ class Client:
         )
 
 
+def _chunks(items: list[str], size: int = _MGET_CHUNK) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def _part_repr(part: Any) -> str:
-    return part.text if getattr(part, "type", None) == "text" else f"<{getattr(part, 'type', 'part')}>"
+    # Never an image's bytes: a 10 MB data URI must not reach Flower or the logs.
+    return part.text if part.type == "text" else "<image>"
 
 
 def _decode(job_id: str, raw: bytes | None) -> JobResult | JobFailed | None:

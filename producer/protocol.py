@@ -57,7 +57,19 @@ class TextPart(_Strict):
     text: str
 
 
-ContentPart = Annotated[TextPart, Field(discriminator="type")]
+class ImageURL(_Strict):
+    #: A ``data:image/png;base64,...`` URI (png, jpeg, webp), or an http(s) URL on a host
+    #: that the workers' ``images.allowed_url_hosts`` allows.
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Strict):
@@ -91,7 +103,8 @@ class CompletionJob(_Job):
     """Continue ``prompt`` (as ``/v1/completions``)."""
 
     kind: Literal["completion"] = "completion"
-    prompt: str = Field(min_length=1)
+    #: Text, or token ids (as ``/v1/completions`` accepts).
+    prompt: str | list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
 
 
 class ChatJob(_Job):
@@ -99,6 +112,10 @@ class ChatJob(_Job):
 
     kind: Literal["chat"] = "chat"
     messages: list[ChatMessage] = Field(min_length=1)
+
+    def image_urls(self) -> list[str]:
+        return [p.image_url.url for m in self.messages if not isinstance(m.content, str)
+                for p in m.content if isinstance(p, ImagePart)]
 
 
 Job = Annotated[CompletionJob | ChatJob, Field(discriminator="kind")]

@@ -64,6 +64,21 @@ class EngineSettings(_Section):
     extra_args: dict[str, Any] = Field(default_factory=dict)
 
 
+class ImageSettings(_Section):
+    """Limits on images in chat jobs, checked at submit and again in the worker."""
+
+    max_images_per_job: int = Field(4, ge=0)
+    max_image_bytes: int = Field(10 * 2**20, ge=1)
+    #: Qwen2-VL's own max_pixels.
+    max_image_pixels: int = Field(12_845_056, ge=1)
+    #: The JSON of a job's messages, images included.
+    max_message_bytes: int = Field(32 * 2**20, ge=1)
+    #: Hosts whose http(s) image URLs the worker may fetch; none by default. Loopback,
+    #: private and link-local addresses are refused whatever the host resolves to.
+    allowed_url_hosts: list[str] = Field(default_factory=list)
+    fetch_timeout_s: float = Field(10.0, gt=0)
+
+
 class WorkerSettings(_Section):
     #: Jobs in the engine at once: the threads pool's concurrency.
     max_in_flight: int = Field(256, ge=1)
@@ -72,8 +87,8 @@ class WorkerSettings(_Section):
 
 
 class ProducerSettings(_Section):
-    #: Polling pace of ``Client.result`` / ``as_completed``.
-    poll_interval_s: float = Field(0.05, gt=0)
+    #: Results arrive by Redis pub/sub at once; this is the pace of the safety-net sweep.
+    poll_interval_s: float = Field(1.0, gt=0)
     default_timeout_s: float = Field(600.0, gt=0)
     #: Characters of a prompt that Flower and logs show.
     argsrepr_chars: int = Field(200, ge=0)
@@ -90,6 +105,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     model: ModelSettings = ModelSettings()
     engine: EngineSettings = EngineSettings()
+    images: ImageSettings = ImageSettings()
     worker: WorkerSettings = WorkerSettings()
     producer: ProducerSettings = ProducerSettings()
 

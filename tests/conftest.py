@@ -40,7 +40,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def worker_env(tiny_model: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Environment for a worker serving the tiny model on the session's Redis."""
-    return {**cpu_engine_env(tmp_path_factory.mktemp("cache")), **tiny_model_env(tiny_model, redis_server.url, MODEL)}
+    return {
+        **cpu_engine_env(tmp_path_factory.mktemp("cache")),
+        **tiny_model_env(tiny_model, redis_server.url, MODEL),
+        # Lets tests show that an allowed host resolving to a loopback address is still refused.
+        "VQUEUE_IMAGES__ALLOWED_URL_HOSTS": '["localhost"]',
+    }
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +61,7 @@ def worker(worker_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture
 def settings(redis_server: RedisServer) -> Settings:
-    return Settings(redis={"url": redis_server.url}, producer={"poll_interval_s": 0.02})
+    return Settings(redis={"url": redis_server.url})
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 from producer.errors import EngineDead, InvalidJob
 from producer.protocol import ChatJob, CompletionJob, JobResult
 from producer.settings import Settings
-from worker import prompts, results, sampling
+from worker import media, prompts, results, sampling
 from worker.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,17 @@ class EngineHolder:
     def run_job(self, job: CompletionJob | ChatJob, *, started_at: float, worker: str, attempt: int) -> JobResult:
         if self.dead or self.engine is None:
             raise EngineDead("the engine is not running; the job goes back to the queue")
-        return self._call(self._run_job(job, started_at=started_at, worker=worker, attempt=attempt)).result()
+        messages = None
+        if isinstance(job, ChatJob):
+            # Decoding and fetching images happens here, in the caller's thread, off the engine loop.
+            messages = media.prepare_messages(job, self.settings.images, self._max_images())
+        return self._call(self._run_job(job, messages, started_at=started_at, worker=worker, attempt=attempt)).result()
 
-    async def _run_job(self, job: CompletionJob | ChatJob, *, started_at: float, worker: str,
-                       attempt: int) -> JobResult:
+    def _max_images(self) -> int:
+        return self.settings.engine.limit_mm_per_prompt.get("image", 0)
+
+    async def _run_job(self, job: CompletionJob | ChatJob, messages: list[dict[str, Any]] | None, *,
+                       started_at: float, worker: str, attempt: int) -> JobResult:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         served = self.settings.model.served_name
@@ -118,7 +125,7 @@ class EngineHolder:
                              f"submit to model {served!r} or start a worker with model.served_name={job.model!r}")
         request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"  # unique even if a job is delivered twice
         try:
-            prompt = await prompts.render(self.engine.renderer, job)
+            prompt = await prompts.render(self.engine.renderer, job, messages)
             params = self._sampling_params(job, prompts.prompt_length(prompt))
             final = None
             async for output in self.engine.generate(prompt, params, request_id=request_id):

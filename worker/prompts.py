@@ -25,15 +25,18 @@ def client_errors() -> tuple[type[Exception], ...]:
 _CHAT_KWARGS = {"add_generation_prompt": True}  # else the prompt ends without the assistant header
 
 
-async def render(renderer: Any, job: CompletionJob | ChatJob) -> dict[str, Any]:
-    """The engine prompt (a dict with ``prompt_token_ids``) for ``job``."""
+async def render(renderer: Any, job: CompletionJob | ChatJob, messages: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The engine prompt (a dict with ``prompt_token_ids``) for ``job``.
+
+    ``messages`` are a chat job's messages prepared by ``worker.media`` (images decoded).
+    """
     from vllm.renderers import ChatParams
 
     try:
         if isinstance(job, CompletionJob):
-            (prompt,) = await renderer.render_cmpl_async([{"prompt": job.prompt}])
+            source = {"prompt": job.prompt} if isinstance(job.prompt, str) else {"prompt_token_ids": job.prompt}
+            (prompt,) = await renderer.render_cmpl_async([source])
         else:
-            messages = [m.model_dump(mode="json", exclude_none=True) for m in job.messages]
             _, (prompt,) = await renderer.render_chat_async(
                 [messages], ChatParams(chat_template_kwargs=dict(_CHAT_KWARGS))
             )

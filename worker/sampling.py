@@ -22,6 +22,7 @@ def to_sampling_params(
     unset take those values. ``max_tokens`` unset means what is left of the context.
     """
     from vllm import SamplingParams  # late: importing the worker app must stay cheap
+    from vllm.sampling_params import RequestOutputKind
 
     room = max_model_len - prompt_tokens
     if room < 1:
@@ -43,5 +44,8 @@ def to_sampling_params(
         stop=sampling.stop or None,
         stop_token_ids=sampling.stop_token_ids or None,
         ignore_eos=sampling.ignore_eos,
+        # Jobs are not streamed: one output per request, not one per token, spares the
+        # worker's Python thread the per-token work.
+        output_kind=RequestOutputKind.FINAL_ONLY,
         **kwargs,
     )

@@ -1,0 +1,104 @@
+"""Mode "bare": the AsyncLLMEngine in-process, every request of a run submitted at once.
+
+Run as its own process by bench.run (so that its engine's memory is gone before the next
+mode starts). The engine is built from the same settings as the worker's
+(``worker.engine.engine_args``), prompts go through the same renderer, and images arrive
+already decoded (PIL): this is the engine's own cost, with nothing of a service around it.
+
+    python -m bench.bare --preset cpu --workloads ABC --out FILE   (settings from VQUEUE_* env)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import time
+import uuid
+
+from PIL import Image
+
+from bench.measure import JobTiming, summarize
+from bench.workloads import PRESETS, Workload, build_jobs
+from producer import ChatJob, CompletionJob, get_settings
+from worker import prompts, sampling
+from worker.engine import engine_args
+from worker.models import resolve_model
+
+
+def decoded_messages(job: ChatJob) -> list[dict]:
+    out = []
+    for m in job.messages:
+        parts = []
+        for p in m.content:
+            if p.type == "text":
+                parts.append({"type": "text", "text": p.text})
+            else:
+                data = base64.b64decode(p.image_url.url.split(",", 1)[1])
+                parts.append({"type": "image_pil", "image_pil": Image.open(io.BytesIO(data)).convert("RGB")})
+        out.append({"role": m.role, "content": parts})
+    return out
+
+
+async def one(engine, job: CompletionJob | ChatJob, messages, max_model_len: int, t0: float) -> JobTiming:
+    prompt = await prompts.render(engine.renderer, job, messages)
+    params = sampling.to_sampling_params(job.sampling, prompts.prompt_length(prompt), max_model_len, {})
+    final = None
+    async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+        final = out
+    end = time.perf_counter()
+    stats = final.metrics
+    return JobTiming(end - t0, len(final.prompt_token_ids), len(final.outputs[0].token_ids),
+                     getattr(stats, "first_token_latency", None))
+
+
+async def run_workload(engine, w: Workload, model: str, max_model_len: int, seed: int, n: int | None = None) -> dict:
+    jobs = build_jobs(w, model, seed, n)
+    messages = [decoded_messages(j) if isinstance(j, ChatJob) else None for j in jobs]
+    t0 = time.perf_counter()
+    if w.concurrent:
+        pairs = zip(jobs, messages, strict=True)
+        timings = await asyncio.gather(*(one(engine, j, m, max_model_len, t0) for j, m in pairs))
+    else:
+        timings = []
+        for j, m in zip(jobs, messages, strict=True):
+            start = time.perf_counter()
+            timings.append(await one(engine, j, m, max_model_len, start))
+    return summarize(list(timings), time.perf_counter() - t0)
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    from vllm import AsyncLLMEngine
+
+    settings = get_settings()
+    started = time.perf_counter()
+    engine = AsyncLLMEngine.from_engine_args(engine_args(settings, str(resolve_model(settings.model))))
+    out = {"engine_start_s": round(time.perf_counter() - started, 1), "workloads": {}}
+    try:
+        for name in args.workloads:
+            w = PRESETS[args.preset][name]
+            await run_workload(engine, w, settings.model.served_name, settings.engine.max_model_len, seed=1000, n=8)
+            out["workloads"][name] = await run_workload(engine, w, settings.model.served_name,
+                                                        settings.engine.max_model_len, seed=args.seed)
+            print(f"bare {name}: {out['workloads'][name]}", flush=True)
+    finally:
+        engine.shutdown()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", choices=list(PRESETS), required=True)
+    parser.add_argument("--workloads", default="ABC")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
