@@ -1,7 +1,7 @@
 """vqueue's producer side: the job/result protocol, settings and the client. No GPU stack."""
 
 from producer.client import Client
-from producer.errors import EngineDead, InvalidJob, JobError, JobFailed, JobTimeout, VQueueError
+from producer.errors import EngineDead, InvalidJob, JobError, JobFailed, JobTimeout, ModelNotServed, VQueueError
 from producer.protocol import (
     AssistantMessage,
     ChatJob,
@@ -10,6 +10,8 @@ from producer.protocol import (
     CompletionJob,
     FinishReason,
     JobResult,
+    ModelInfo,
+    ResponseFormat,
     Sampling,
     TextPart,
     Timings,
@@ -31,6 +33,9 @@ __all__ = [
     "JobFailed",
     "JobResult",
     "JobTimeout",
+    "ModelInfo",
+    "ModelNotServed",
+    "ResponseFormat",
     "Sampling",
     "Settings",
     "TextPart",

@@ -7,15 +7,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
+import time
+from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
 
 from producer.client import Client
-from producer.errors import JobFailed, JobTimeout
+from producer.errors import InvalidJob, JobFailed, JobTimeout
 from producer.protocol import ChatJob, ChatMessage, CompletionJob, JobResult, Sampling
 from producer.settings import get_settings
 
@@ -35,6 +41,20 @@ Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)."
 Wait = Annotated[bool, typer.Option(help="Wait for the result; --no-wait prints the job id only.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the result (settings: producer.default_timeout_s).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")]
+class IfUnserved(StrEnum):
+    wait = "wait"
+    fail = "fail"
+
+
+IfUnservedOpt = Annotated[
+    IfUnserved,
+    typer.Option(
+        help="If no live worker serves the model: 'wait' queues the job anyway (a worker may start later; the "
+        "default), 'fail' refuses it at once."
+    ),
+]
+Image = Annotated[list[Path] | None, typer.Option("--image", help="An image file to send with the message "
+                                                 "(repeatable; sent as a data: URI).")]
 
 
 def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
@@ -89,12 +109,13 @@ def complete(
     wait: Wait = True,
     timeout: Timeout = _settings.producer.default_timeout_s,
     as_json: AsJson = False,
+    if_unserved: IfUnservedOpt = IfUnserved.wait,
 ) -> None:
     """Enqueue a completion job (as /v1/completions) and print its text."""
     _submit_and_show(
         lambda: CompletionJob(model=model, prompt=prompt,
                               sampling=_sampling(max_tokens, temperature, top_p, seed, stop)),
-        wait, timeout, as_json,
+        wait, timeout, as_json, if_unserved,
     )
 
 
@@ -102,6 +123,7 @@ def complete(
 def chat(
     message: Annotated[str, typer.Argument(help="The user's message.")],
     system: Annotated[str | None, typer.Option(help="A system message before it.")] = None,
+    image: Image = None,
     model: Model = _settings.model.served_name,
     max_tokens: MaxTokens = None,
     temperature: Temperature = None,
@@ -111,15 +133,45 @@ def chat(
     wait: Wait = True,
     timeout: Timeout = _settings.producer.default_timeout_s,
     as_json: AsJson = False,
+    if_unserved: IfUnservedOpt = IfUnserved.wait,
 ) -> None:
     """Enqueue a chat job (as /v1/chat/completions) and print the assistant's reply."""
 
     def make() -> ChatJob:
         messages = [ChatMessage(role="system", content=system)] if system else []
-        messages.append(ChatMessage(role="user", content=message))
+        if image:
+            parts: list = [{"type": "image_url", "image_url": {"url": _data_uri(path)}} for path in image]
+            messages.append(ChatMessage(role="user", content=[*parts, {"type": "text", "text": message}]))
+        else:
+            messages.append(ChatMessage(role="user", content=message))
         return ChatJob(model=model, messages=messages, sampling=_sampling(max_tokens, temperature, top_p, seed, stop))
 
-    _submit_and_show(make, wait, timeout, as_json)
+    _submit_and_show(make, wait, timeout, as_json, if_unserved)
+
+
+def _data_uri(path: Path) -> str:
+    if not path.is_file():
+        raise InvalidJob("--image", f"{path} is not a file")
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+@app.command()
+def models(as_json: AsJson = False) -> None:
+    """List the models live workers serve now (as /v1/models), with their workers."""
+    with Client() as client:
+        found = client.models()
+    if as_json:
+        out.print_json(json.dumps({"object": "list", "data": [m.model_dump(mode="json") for m in found]}))
+        return
+    if not found:
+        err.print("no live worker serves any model; start one with `celery -A worker worker`")
+        raise typer.Exit(1)
+    table = Table("model", "source", "max_model_len", "modalities", "workers", "since")
+    for m in found:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.started_at))
+        table.add_row(m.id, m.source, str(m.max_model_len), ", ".join(m.modalities), ", ".join(m.workers), since)
+    out.print(table)
 
 
 @app.command()

@@ -5,22 +5,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
 from producer import keys
-from producer.errors import JobFailed, JobTimeout
+from producer.errors import JobFailed, JobTimeout, ModelNotServed
 from producer.images import check_images
-from producer.protocol import ChatJob, CompletionJob, JobResult
+from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, WorkerInfo
 from producer.settings import Settings, get_settings
-from producer.transport import make_celery
+from producer.transport import JobPublisher, make_celery
 
 #: Celery states after which nothing more happens to a job.
 TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _MGET_CHUNK = 1000
 
 AnyJob = CompletionJob | ChatJob
+IfUnserved = Literal["wait", "fail"]
 
 
 class Client:
@@ -34,8 +35,9 @@ class Client:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self._celery = make_celery(self.settings, name="vqueue-producer")
+        self._celery = make_celery(self.settings, name="vqueue-producer", results=False)
         self._redis = redis.Redis.from_url(self.settings.redis.url)
+        self._publisher = JobPublisher(self._celery, self._redis)
 
     def close(self) -> None:
         self._redis.close()
@@ -49,33 +51,45 @@ class Client:
 
     # -- submitting --------------------------------------------------------------------
 
-    def submit(self, job: AnyJob) -> str:
-        """Enqueue one job on its model's queue; returns the job id."""
-        return self.submit_many([job])[0]
+    def submit(self, job: AnyJob, if_unserved: IfUnserved = "wait") -> str:
+        """Enqueue one job on its model's queue; returns the job id.
 
-    def submit_many(self, jobs: Iterable[AnyJob]) -> list[str]:
+        ``if_unserved``: ``"wait"`` (default) queues a job for a model no live worker serves,
+        since workers may start later; ``"fail"`` raises ``ModelNotServed`` instead.
+        """
+        return self.submit_many([job], if_unserved=if_unserved)[0]
+
+    def submit_many(self, jobs: Iterable[AnyJob], if_unserved: IfUnserved = "wait") -> list[str]:
         """Enqueue many jobs over one broker connection; returns their ids in order."""
-        ids: list[str] = []
-        with self._celery.producer_or_acquire() as producer:
-            for job in jobs:
-                self._send(job, producer)
-                ids.append(job.id)
-        return ids
+        jobs = list(jobs)
+        if if_unserved == "fail":
+            served = {m.id for m in self.models()}
+            for model in dict.fromkeys(j.model for j in jobs):
+                if model not in served:
+                    raise ModelNotServed(model, sorted(served))
+        self._publisher.publish(self._message(job) for job in jobs)
+        return [job.id for job in jobs]
 
-    def _send(self, job: AnyJob, producer: Any) -> None:
+    def models(self) -> list[ModelInfo]:
+        """The models live workers serve now (from their heartbeats), as ``/v1/models`` lists them."""
+        names = list(self._redis.scan_iter(match=f"{keys.WORKER_KEY_PREFIX}*", count=1000))
+        workers = [WorkerInfo.model_validate_json(raw) for raw in self._redis.mget(names) if raw] if names else []
+        by_model: dict[str, list[WorkerInfo]] = {}
+        for w in workers:
+            by_model.setdefault(w.served_name, []).append(w)
+        return [
+            ModelInfo(id=name, source=ws[0].source, max_model_len=min(w.max_model_len for w in ws),
+                      modalities=sorted(set.intersection(*(set(w.modalities) for w in ws))),
+                      workers=sorted(w.hostname for w in ws), started_at=min(w.started_at for w in ws))
+            for name, ws in sorted(by_model.items())
+        ]  # fmt: skip
+
+    def _message(self, job: AnyJob) -> tuple[str, str, str, dict, str]:
         # Re-validate: a model mutated after construction must not reach the wire unchecked.
         job = type(job).model_validate(job.model_dump())
         if isinstance(job, ChatJob):
             check_images(job, self.settings.images)
-        self._celery.send_task(
-            keys.GENERATE_TASK,
-            args=[job.model_dump(mode="json")],
-            task_id=job.id,
-            queue=keys.queue_for(job.model),
-            producer=producer,
-            argsrepr=self._argsrepr(job),
-            kwargsrepr="{}",
-        )
+        return keys.GENERATE_TASK, job.id, keys.queue_for(job.model), job.model_dump(mode="json"), self._argsrepr(job)
 
     def _argsrepr(self, job: AnyJob) -> str:
         """What Flower and worker logs show: the job's head, never a whole prompt."""

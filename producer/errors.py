@@ -5,6 +5,7 @@
         * ``JobFailed`` - the job ended without a result; ``error_type`` says why:
           ``InvalidJob`` (fix the input and submit again) or an engine error (retry)
         * ``JobTimeout`` - no result within the timeout; the message says where the job is
+    * ``ModelNotServed`` - ``submit(..., if_unserved="fail")`` for a model no live worker serves
     * ``InvalidJob`` - raised in the worker for a job it refuses (also a ``ValueError``);
       reaches the producer as ``JobFailed(error_type="InvalidJob")``
     * ``EngineDead`` - raised in the worker when its engine died; the job is handed back
@@ -46,6 +47,18 @@ class JobFailed(JobError):
 
 class JobTimeout(JobError):
     """Raised when a job has no result within the timeout; the job itself stays queued or running."""
+
+
+class ModelNotServed(VQueueError):
+    """Raised by ``submit(..., if_unserved="fail")`` when no live worker serves the job's model."""
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(
+            f"no live worker serves model {model!r} (served now: {', '.join(served) or 'none'}); start a worker "
+            f"with model.served_name={model!r}, or submit with if_unserved='wait' to queue the job for a later one"
+        )
+        self.model = model
+        self.served = served
 
 
 class InvalidJob(VQueueError, ValueError):

@@ -18,6 +18,10 @@ key                                type     holds
 ``_kombu.binding.*``               set      kombu's queue bindings
 ``vqueue:attempt:<job id>``        string   how many times a worker started the job (INCR);
                                             TTL ``redis.result_ttl_s``
+``vqueue:worker:<hostname>``       string   a live worker's announcement (JSON ``WorkerInfo``:
+                                            served model, source, max_model_len, modalities,
+                                            started time); TTL 3 x ``worker.heartbeat_s``,
+                                            refreshed every ``worker.heartbeat_s``
 =================================  =======  ==============================================
 """
 
@@ -29,6 +33,9 @@ GENERATE_TASK = "vqueue.generate"
 QUEUE_PREFIX = "vqueue."
 RESULT_KEY_PREFIX = "celery-task-meta-"  # Celery's BaseKeyValueStoreBackend.task_keyprefix
 ATTEMPT_KEY_PREFIX = "vqueue:attempt:"
+WORKER_KEY_PREFIX = "vqueue:worker:"
+#: A worker's announcement outlives this many missed heartbeats, then expires.
+HEARTBEAT_TTL_BEATS = 3
 
 
 def queue_for(served_name: str) -> str:
@@ -42,3 +49,7 @@ def result_key(job_id: str) -> str:
 
 def attempt_key(job_id: str) -> str:
     return f"{ATTEMPT_KEY_PREFIX}{job_id}"
+
+
+def worker_key(hostname: str) -> str:
+    return f"{WORKER_KEY_PREFIX}{hostname}"

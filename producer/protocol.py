@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -19,11 +19,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class JsonSchema(_Strict):
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    #: The JSON Schema the output must match (OpenAI's field name is ``schema``).
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+
+class ResponseFormat(_Strict):
+    """As OpenAI's ``response_format``: ``text``, ``json_object``, or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is required with type 'json_schema', and only then")
+        return self
+
+
 class Sampling(_Strict):
     """Sampling parameters, named and bounded as in vLLM's OpenAI server.
 
     A field left ``None`` takes the model's ``generation_config.json`` default, then vLLM's,
     as ``vllm serve`` does. ``max_tokens=None`` means what is left of the context.
+    ``logprobs`` takes the completions form (an int, 0-20 alternatives per token) in
+    completion jobs and the chat form (``True`` plus ``top_logprobs``) in chat jobs.
     """
 
     max_tokens: int | None = Field(None, ge=1)
@@ -38,6 +62,28 @@ class Sampling(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     ignore_eos: bool = False
+    #: Choices to generate for the prompt; usage sums their tokens, as vLLM's server does.
+    n: int = Field(1, ge=1, le=16)
+    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    #: Token id -> bias added to its logit, -100..100 (as OpenAI's ``logit_bias``).
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=300
+    )
+    #: Keep only the last N prompt tokens (text prompts).
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Sampling:
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise ValueError("top_logprobs needs logprobs=True (the chat form)")
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -102,6 +148,13 @@ class _Job(_Strict):
 class CompletionJob(_Job):
     """Continue ``prompt`` (as ``/v1/completions``)."""
 
+    @model_validator(mode="after")
+    def _completion_logprobs(self) -> CompletionJob:
+        if isinstance(self.sampling.logprobs, bool):
+            raise ValueError("sampling.logprobs: completion jobs take an integer (0-20 alternatives per token), "
+                             "as /v1/completions does; True/top_logprobs is the chat form")
+        return self
+
     kind: Literal["completion"] = "completion"
     #: Text, or token ids (as ``/v1/completions`` accepts).
     prompt: str | list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
@@ -112,6 +165,13 @@ class ChatJob(_Job):
 
     kind: Literal["chat"] = "chat"
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _chat_logprobs(self) -> ChatJob:
+        if self.sampling.logprobs is not None and not isinstance(self.sampling.logprobs, bool):
+            raise ValueError("sampling.logprobs: chat jobs take True/False plus top_logprobs (0-20), "
+                             "as /v1/chat/completions does")
+        return self
 
     def image_urls(self) -> list[str]:
         return [p.image_url.url for m in self.messages if not isinstance(m.content, str)
@@ -127,13 +187,19 @@ def parse_job(data: object) -> CompletionJob | ChatJob:
     return JOB_ADAPTER.validate_python(data)
 
 
+class _Lenient(BaseModel):
+    # Results are read by producers that may be older than the worker: fields they do not
+    # know yet are ignored rather than refused (jobs stay strict: the worker must refuse).
+    model_config = ConfigDict(extra="ignore")
+
+
 class FinishReason(StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
 
 
-class Usage(_Strict):
+class Usage(_Lenient):
     """Token counts from the engine, named as vLLM's ``UsageInfo``."""
 
     prompt_tokens: int
@@ -141,7 +207,7 @@ class Usage(_Strict):
     total_tokens: int
 
 
-class Timings(_Strict):
+class Timings(_Lenient):
     """Epoch seconds of each step of the job's life."""
 
     enqueued_at: float
@@ -150,19 +216,37 @@ class Timings(_Strict):
     finished_at: float
 
 
-class AssistantMessage(_Strict):
+class AssistantMessage(_Lenient):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class Choice(_Strict):
+class TopLogprob(_Lenient):
+    token: str
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(_Lenient):
+    """One generated token's log-probability and the most likely alternatives at its step."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Choice(_Lenient):
     index: int = 0
     text: str | None = None  # completion jobs
     message: AssistantMessage | None = None  # chat jobs
     finish_reason: FinishReason
+    #: The stop string or token id that ended the choice, if one did.
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
-class JobResult(_Strict):
+class JobResult(_Lenient):
     """What a worker writes back for a job that ran."""
 
     id: str
@@ -187,3 +271,26 @@ class JobResult(_Strict):
     @property
     def finish_reason(self) -> FinishReason:
         return self.choices[0].finish_reason
+
+
+class WorkerInfo(_Lenient):
+    """What a live worker announces in Redis (renewed by its heartbeat)."""
+
+    hostname: str
+    served_name: str
+    source: str
+    max_model_len: int
+    modalities: list[str]
+    max_in_flight: int
+    started_at: float
+
+
+class ModelInfo(_Lenient):
+    """A model some live worker serves: the content of vLLM's ``/v1/models`` entry, and more."""
+
+    id: str
+    source: str
+    max_model_len: int
+    modalities: list[str]
+    workers: list[str]
+    started_at: float  # the earliest of its workers

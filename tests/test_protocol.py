@@ -47,7 +47,8 @@ def test_job_round_trips_through_json() -> None:
 def test_public_api_is_pinned() -> None:
     assert set(producer.__all__) == {
         "AssistantMessage", "ChatJob", "ChatMessage", "Choice", "Client", "CompletionJob", "EngineDead",
-        "FinishReason", "InvalidJob", "JobError", "JobFailed", "JobResult", "JobTimeout", "Sampling", "Settings",
+        "FinishReason", "InvalidJob", "JobError", "JobFailed", "JobResult", "JobTimeout", "ModelInfo", "ModelNotServed",
+        "ResponseFormat", "Sampling", "Settings",
         "TextPart", "Timings", "Usage", "VQueueError", "get_settings",
     }  # fmt: skip
 

@@ -31,11 +31,13 @@ def start(env: dict, tmp_path: Path, name: str) -> WorkerProcess:
     return worker
 
 
-def wait_started(client: Client, ids: list[str], timeout_s: float = 60) -> None:
+def wait_started(client: Client, ids: list[str], timeout_s: float = 180) -> list[str]:
+    """Until no job is still queued; returns their states then (STARTED, or SUCCESS if one was quick)."""
     deadline = time.monotonic() + timeout_s
-    while any(client.state(i) != "STARTED" for i in ids):
-        assert time.monotonic() < deadline, "jobs did not start"
-        time.sleep(0.1)
+    while "PENDING" in (states := [client.state(i) for i in ids]):
+        assert time.monotonic() < deadline, f"jobs did not start: {states}"
+        time.sleep(0.05)
+    return states
 
 
 def engine_processes(worker: WorkerProcess) -> list[psutil.Process]:
@@ -48,7 +50,7 @@ def test_engine_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Cli
     first = start(env, tmp_path, "first")
     ids = client.submit_many([CompletionJob(model=MODEL, prompt=f"long {i}", sampling=LONG) for i in range(8)])
     try:
-        wait_started(client, ids)
+        assert wait_started(client, ids) == ["STARTED"] * 8
         # When its engine process dies
         core = [p for p in engine_processes(first) if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
         assert core, f"no EngineCore among {[p.name() for p in engine_processes(first)]}"
@@ -68,9 +70,10 @@ def test_engine_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Cli
         assert all(r.worker.startswith("second@") for r in results)
 
         # SIGTERM is a warm shutdown: jobs in flight finish, the worker exits 0
-        more = client.submit_many([CompletionJob(model=MODEL, prompt=f"term {i}", sampling=LONG) for i in range(8)])
-        wait_started(client, more)
-        assert second.terminate() == 0
+        longest = Sampling(max_tokens=900, temperature=0, ignore_eos=True)
+        more = client.submit_many([CompletionJob(model=MODEL, prompt=f"term {i}", sampling=longest) for i in range(8)])
+        assert "STARTED" in wait_started(client, more)
+        assert second.terminate(timeout_s=300) == 0
         assert [client.state(i) for i in more] == ["SUCCESS"] * 8
     finally:
         second.kill()

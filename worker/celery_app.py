@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from typing import Any
 
 from celery import signals
@@ -16,10 +17,12 @@ from kombu.exceptions import ContentDisallowed
 
 from producer import keys
 from producer.errors import InvalidJob
+from producer.protocol import WorkerInfo
 from producer.settings import get_settings
 from producer.transport import make_celery
 from worker.engine import EngineHolder
 from worker.reaper import start_reaper
+from worker.registry import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ app.conf.update(
 
 holder = EngineHolder(settings)
 _reaper: subprocess.Popen | None = None
+_heartbeat: Heartbeat | None = None
 
 
 @signals.worker_init.connect
@@ -59,6 +63,20 @@ def _start_engine(**_: Any) -> None:
     global _reaper
     _reaper = start_reaper()
     holder.start()
+
+
+@signals.worker_ready.connect
+def _announce(sender: Any = None, **_: Any) -> None:
+    global _heartbeat
+    limits = settings.engine.limit_mm_per_prompt
+    info = WorkerInfo(
+        hostname=sender.hostname, served_name=settings.model.served_name, source=settings.model.source,
+        max_model_len=settings.engine.max_model_len, max_in_flight=settings.worker.max_in_flight,
+        modalities=["text", *(m for m in ("image", "video") if holder.multimodal and limits.get(m, 0) > 0)],
+        started_at=time.time(),
+    )  # fmt: skip
+    _heartbeat = Heartbeat(app.backend.client, info, settings.worker.heartbeat_s)
+    _heartbeat.start()
 
 
 @signals.task_rejected.connect
@@ -76,6 +94,8 @@ def _fail_refused_message(message: Any = None, exc: BaseException | None = None,
 
 @signals.worker_shutdown.connect
 def _stop_engine(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
     holder.stop()
     if _reaper is not None:
         _reaper.terminate()

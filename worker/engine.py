@@ -57,6 +57,7 @@ class EngineHolder:
         self.engine: Any = None
         self.model_defaults: dict[str, Any] = {}
         self.dead = False
+        self.multimodal = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vqueue-engine-loop", daemon=True)
 
@@ -76,6 +77,7 @@ class EngineHolder:
 
         self.engine = self._call(build()).result()
         self.model_defaults = self.engine.model_config.get_diff_sampling_param()
+        self.multimodal = bool(self.engine.model_config.is_multimodal_model)
         log.info("engine ready for %r in %.1f s (max_model_len %d, max_num_seqs %d, model defaults %s)",
                  self.settings.model.served_name, time.monotonic() - started, self.settings.engine.max_model_len,
                  self.settings.engine.max_num_seqs, self.model_defaults or "none")

@@ -43,7 +43,20 @@ async def render(renderer: Any, job: CompletionJob | ChatJob, messages: list[dic
     except client_errors() as exc:
         field = "prompt" if isinstance(job, CompletionJob) else "messages"
         raise InvalidJob(field, str(exc)) from None
+    keep = job.sampling.truncate_prompt_tokens
+    if keep is not None and len(prompt["prompt_token_ids"]) > keep:
+        prompt = truncate(prompt, keep)
     return prompt
+
+
+def truncate(prompt: dict[str, Any], keep: int) -> dict[str, Any]:
+    """Keep the last ``keep`` prompt tokens, as vLLM's server does for ``truncate_prompt_tokens``."""
+    if set(prompt) - {"type", "prompt", "prompt_token_ids", "arrival_time"}:
+        # Cutting through image placeholders would break the prompt.
+        raise InvalidJob("sampling.truncate_prompt_tokens", "only prompts without images can be truncated")
+    kept = {k: v for k, v in prompt.items() if k != "prompt"}
+    kept["prompt_token_ids"] = prompt["prompt_token_ids"][-keep:]
+    return kept
 
 
 def prompt_length(prompt: dict[str, Any]) -> int:

@@ -13,8 +13,11 @@ from producer.protocol import (
     FinishReason,
     JobResult,
     Timings,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
+from worker.sampling import top_logprobs
 
 
 def first_token_at(output: Any) -> float | None:
@@ -27,17 +30,37 @@ def first_token_at(output: Any) -> float | None:
     return None
 
 
+def token_logprobs(completion: Any, top_k: int) -> list[TokenLogprob] | None:
+    """Per generated token: its logprob and the ``top_k`` most likely alternatives (vLLM ranks)."""
+    if completion.logprobs is None:
+        return None
+    out = []
+    for token_id, step in zip(completion.token_ids, completion.logprobs, strict=False):
+        chosen = step[token_id]
+        top = sorted((e for e in step.items() if e[1].rank is not None and e[1].rank <= top_k),
+                     key=lambda e: e[1].rank)[:top_k]  # fmt: skip
+        alternatives = [TopLogprob(token=lp.decoded_token or "", token_id=tid, logprob=lp.logprob) for tid, lp in top]
+        out.append(TokenLogprob(token=chosen.decoded_token or "", token_id=token_id, logprob=chosen.logprob,
+                                top_logprobs=alternatives))
+    return out
+
+
 def build_result(
     job: CompletionJob | ChatJob, output: Any, *, started_at: float, worker: str, attempt: int
 ) -> JobResult:
     choices = []
-    for completion in output.outputs:
-        reason = FinishReason(completion.finish_reason or "abort")
+    top_k = top_logprobs(job.sampling) or 0
+    for completion in sorted(output.outputs, key=lambda c: c.index):
+        common = {
+            "index": completion.index,
+            "finish_reason": FinishReason(completion.finish_reason or "abort"),
+            "stop_reason": completion.stop_reason,
+            "logprobs": token_logprobs(completion, top_k),
+        }
         if isinstance(job, ChatJob):
-            choices.append(Choice(index=completion.index, message=AssistantMessage(content=completion.text),
-                                  finish_reason=reason))
+            choices.append(Choice(message=AssistantMessage(content=completion.text), **common))
         else:
-            choices.append(Choice(index=completion.index, text=completion.text, finish_reason=reason))
+            choices.append(Choice(text=completion.text, **common))
     prompt_tokens = len(output.prompt_token_ids or [])
     completion_tokens = sum(len(c.token_ids) for c in output.outputs)
     return JobResult(

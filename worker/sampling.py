@@ -5,11 +5,31 @@ from __future__ import annotations
 from typing import Any
 
 from producer.errors import InvalidJob
-from producer.protocol import Sampling
+from producer.protocol import ResponseFormat, Sampling
 
 # Fields passed through when the job sets them; None leaves the model's / vLLM's default.
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
              "frequency_penalty", "repetition_penalty")  # fmt: skip
+
+
+def structured_outputs(response_format: ResponseFormat | None) -> Any:
+    """vLLM's structured-output constraint for an OpenAI ``response_format`` (None for text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if response_format.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=response_format.json_schema.schema_)
+
+
+def top_logprobs(sampling: Sampling) -> int | None:
+    """How many alternatives per token vLLM should return (None: no logprobs)."""
+    if sampling.logprobs is True:  # the chat form
+        return sampling.top_logprobs or 0
+    if sampling.logprobs is False or sampling.logprobs is None:
+        return None
+    return int(sampling.logprobs)
 
 
 def to_sampling_params(
@@ -40,10 +60,17 @@ def to_sampling_params(
     kwargs: dict[str, Any] = {k: v for k, v in model_defaults.items() if k in _OPTIONAL}
     kwargs.update({k: getattr(sampling, k) for k in _OPTIONAL if getattr(sampling, k) is not None})
     return SamplingParams(
+        n=sampling.n,
         max_tokens=max_tokens,
+        min_tokens=sampling.min_tokens,
         stop=sampling.stop or None,
         stop_token_ids=sampling.stop_token_ids or None,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
         ignore_eos=sampling.ignore_eos,
+        logprobs=top_logprobs(sampling),
+        logit_bias=sampling.logit_bias or None,
+        skip_special_tokens=sampling.skip_special_tokens,
+        structured_outputs=structured_outputs(sampling.response_format),
         # Jobs are not streamed: one output per request, not one per token, spares the
         # worker's Python thread the per-token work.
         output_kind=RequestOutputKind.FINAL_ONLY,
