@@ -11,6 +11,7 @@ import base64
 import json
 import mimetypes
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.client import Client
-from producer.errors import InvalidJob, JobFailed, JobTimeout
+from producer.errors import InvalidJob, JobFailed, JobTimeout, ModelNotServed
 from producer.protocol import ChatJob, ChatMessage, CompletionJob, JobResult, Sampling
 from producer.settings import get_settings
 
@@ -72,14 +73,20 @@ def _print(result: JobResult, as_json: bool) -> None:
               f"{u.completion_tokens} = {u.total_tokens} tokens · {result.worker}[/dim]")
 
 
-def _submit_and_show(make_job, wait: bool, timeout: float, as_json: bool) -> None:
+def _submit_and_show(
+    make_job: Callable[[], CompletionJob | ChatJob], wait: bool, timeout: float, as_json: bool, if_unserved: IfUnserved
+) -> None:
     try:
         job = make_job()
-    except ValidationError as exc:
+    except (ValidationError, InvalidJob) as exc:
         err.print(f"[red]invalid job:[/red] {exc}")
         raise typer.Exit(2) from None
     with Client() as client:
-        job_id = client.submit(job)
+        try:
+            job_id = client.submit(job, if_unserved=if_unserved.value)
+        except (InvalidJob, ModelNotServed) as exc:
+            err.print(f"[red]refused:[/red] {exc}")
+            raise typer.Exit(2) from None
         if not wait:
             out.print(job_id)
             return

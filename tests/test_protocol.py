@@ -57,3 +57,13 @@ def test_producer_imports_no_gpu_stack() -> None:
     code = "import sys, producer, producer.cli; bad = {'vllm', 'torch', 'worker'} & set(sys.modules); print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "set()"
+
+
+def test_results_from_a_newer_worker_still_parse() -> None:
+    from producer import JobResult
+
+    data = {"id": "j", "model": "m", "kind": "completion", "worker": "w", "attempt": 1,
+            "choices": [{"index": 0, "text": "hi", "finish_reason": "stop", "new_field": 1}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            "timings": {"enqueued_at": 1, "started_at": 2, "finished_at": 3}, "something_new": True}  # fmt: skip
+    assert JobResult.model_validate(data).text == "hi"

@@ -20,13 +20,13 @@ IM_START = 151644  # <|im_start|>: a special token, never the tiny model's natur
 
 
 def run(client: Client, **sampling: object) -> JobResult:
-    job = CompletionJob(model=MODEL, prompt=PROMPT, sampling=Sampling(temperature=0, **sampling))
+    job = CompletionJob(model=MODEL, prompt=PROMPT, sampling=Sampling(**{"temperature": 0, **sampling}))
     return client.result(client.submit(job), timeout=120)
 
 
 def chat(client: Client, **sampling: object) -> JobResult:
     job = ChatJob(model=MODEL, messages=[{"role": "user", "content": "Say yes or no."}],
-                  sampling=Sampling(temperature=0, **sampling))
+                  sampling=Sampling(**{"temperature": 0, **sampling}))
     return client.result(client.submit(job), timeout=120)
 
 
