@@ -79,14 +79,20 @@ def test_engine_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Cli
         second.kill()
 
 
-def test_sigkilled_worker_leaves_no_engine_processes(env, tmp_path: Path) -> None:
+def test_sigkilled_worker_leaves_no_engine_processes_and_drops_out_of_models(env, client, tmp_path: Path) -> None:
     worker = start(env, tmp_path, "killed")
     try:
         engine = engine_processes(worker)
         assert engine, "the engine runs in child processes"
+        assert any(m.id == MODEL for m in client.models())
         worker.proc.kill()  # the main process only, as the OOM killer would
         worker.proc.wait()
         _, alive = psutil.wait_procs(engine, timeout=15)
         assert not alive, f"engine processes outlived the worker: {[p.pid for p in alive]}"
+        # Its announcement expires after three missed heartbeats (1 s each in tests).
+        deadline = time.monotonic() + 10
+        while any(m.id == MODEL for m in client.models()):
+            assert time.monotonic() < deadline, "a dead worker is still listed"
+            time.sleep(0.2)
     finally:
         worker.kill()
