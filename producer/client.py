@@ -161,9 +161,11 @@ class Client:
                     yield outcome
 
     def state(self, job_id: str) -> str:
-        """Celery's state of the job: PENDING (queued or unknown), STARTED, SUCCESS, FAILURE."""
-        raw = self._redis.get(keys.result_key(job_id))
-        return "PENDING" if raw is None else json.loads(raw)["status"]
+        """The job's state: PENDING (queued or unknown), STARTED (a worker took it), SUCCESS, FAILURE."""
+        raw, attempts = self._redis.mget([keys.result_key(job_id), keys.attempt_key(job_id)])
+        if raw is not None:
+            return json.loads(raw)["status"]
+        return "STARTED" if attempts is not None else "PENDING"
 
     def queue_length(self, model: str) -> int:
         """Jobs waiting in ``model``'s queue, not yet taken by any worker."""

@@ -82,8 +82,12 @@ def image_fields(job: ChatJob) -> list[tuple[str, str]]:
     return found
 
 
-def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = None) -> None:
-    """Every image limit a job can be checked against without fetching anything."""
+def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = None, each: bool = True) -> None:
+    """Every image limit a job can be checked against without fetching anything.
+
+    ``each=False`` checks only the count and the total size (the worker then checks each
+    image as it decodes it, once).
+    """
     images = image_fields(job)
     most = limits.max_images_per_job if max_images is None else min(max_images, limits.max_images_per_job)
     if len(images) > most:
@@ -93,7 +97,7 @@ def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = N
     if size > limits.max_message_bytes:
         raise InvalidJob("messages", f"the messages are {size} bytes of JSON; "
                          f"images.max_message_bytes is {limits.max_message_bytes}")
-    for field, url in images:
+    for field, url in images if each else ():
         if url.startswith("data:"):
             check_pixels(decode_data_uri(url, limits, field), limits, field)
         else:

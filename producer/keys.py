@@ -17,7 +17,8 @@ key                                type     holds
                                             ``redis.visibility_timeout_s``
 ``_kombu.binding.*``               set      kombu's queue bindings
 ``vqueue:attempt:<job id>``        string   how many times a worker started the job (INCR);
-                                            TTL ``redis.result_ttl_s``
+                                            its presence means "started"; TTL
+                                            ``redis.result_ttl_s``
 ``vqueue:worker:<hostname>``       string   a live worker's announcement (JSON ``WorkerInfo``:
                                             served model, source, max_model_len, modalities,
                                             started time); TTL 3 x ``worker.heartbeat_s``,

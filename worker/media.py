@@ -73,7 +73,7 @@ def load_image(data: bytes, limits: ImageSettings, field: str) -> Image.Image:
 
 def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int) -> list[dict[str, Any]]:
     """The job's messages for vLLM's renderer, every image decoded, checked and in PIL form."""
-    check_images(job, limits, max_images=max_images)
+    check_images(job, limits, max_images=max_images, each=False)
     messages = []
     for i, message in enumerate(job.messages):
         if isinstance(message.content, str):
@@ -85,7 +85,10 @@ def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int) -> li
                 parts.append({"type": "text", "text": part.text})
                 continue
             field, url = f"messages.{i}.content.{j}.image_url.url", part.image_url.url
-            data = decode_data_uri(url, limits, field) if url.startswith("data:") else fetch(url, limits, field)
+            if url.startswith("data:"):
+                data = decode_data_uri(url, limits, field)
+            else:
+                data = fetch(url, limits, field)
             parts.append({"type": "image_pil", "image_pil": load_image(data, limits, field)})
         messages.append({"role": message.role, "content": parts})
     return messages
