@@ -85,10 +85,7 @@ def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int) -> li
                 parts.append({"type": "text", "text": part.text})
                 continue
             field, url = f"messages.{i}.content.{j}.image_url.url", part.image_url.url
-            if url.startswith("data:"):
-                data = decode_data_uri(url, limits, field)
-            else:
-                data = fetch(url, limits, field)
+            data = decode_data_uri(url, limits, field) if url.startswith("data:") else fetch(url, limits, field)
             parts.append({"type": "image_pil", "image_pil": load_image(data, limits, field)})
         messages.append({"role": message.role, "content": parts})
     return messages
