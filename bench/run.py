@@ -176,7 +176,8 @@ def request_body(job: CompletionJob | ChatJob) -> tuple[str, dict]:
     s.pop("stop"), s.pop("stop_token_ids")
     if isinstance(job, CompletionJob):
         return "/v1/completions", {"model": SERVED, "prompt": job.prompt, **s}
-    return "/v1/chat/completions", {"model": SERVED, "messages": job.model_dump(mode="json")["messages"], **s}
+    messages = job.model_dump(mode="json", exclude_none=True)["messages"]
+    return "/v1/chat/completions", {"model": SERVED, "messages": messages, **s}
 
 
 async def serve_workload(base: str, w: Workload, seed: int, n: int | None = None) -> dict:

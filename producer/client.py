@@ -11,10 +11,10 @@ import redis
 
 from producer import keys
 from producer.errors import JobFailed, JobTimeout, ModelNotServed
-from producer.images import check_images
+from producer.images import check_images, move_images_to_blobs
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, WorkerInfo
 from producer.settings import Settings, get_settings
-from producer.transport import JobPublisher, make_celery
+from producer.transport import JobPublisher, Outgoing, make_celery
 
 #: Celery states after which nothing more happens to a job.
 TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -67,7 +67,7 @@ class Client:
             for model in dict.fromkeys(j.model for j in jobs):
                 if model not in served:
                     raise ModelNotServed(model, sorted(served))
-        self._publisher.publish(self._message(job) for job in jobs)
+        self._publisher.publish((self._message(job) for job in jobs), blob_ttl_s=self.settings.redis.result_ttl_s)
         return [job.id for job in jobs]
 
     def models(self) -> list[ModelInfo]:
@@ -84,12 +84,15 @@ class Client:
             for name, ws in sorted(by_model.items())
         ]  # fmt: skip
 
-    def _message(self, job: AnyJob) -> tuple[str, str, str, dict, str]:
+    def _message(self, job: AnyJob) -> Outgoing:
         # Re-validate: a model mutated after construction must not reach the wire unchecked.
         job = type(job).model_validate(job.model_dump())
+        payload = job.model_dump(mode="json")
+        blobs: list[tuple[str, bytes]] = []
         if isinstance(job, ChatJob):
             check_images(job, self.settings.images)
-        return keys.GENERATE_TASK, job.id, keys.queue_for(job.model), job.model_dump(mode="json"), self._argsrepr(job)
+            blobs = move_images_to_blobs(job, payload, self.settings.images)
+        return Outgoing(keys.GENERATE_TASK, job.id, keys.queue_for(job.model), payload, self._argsrepr(job), blobs)
 
     def _argsrepr(self, job: AnyJob) -> str:
         """What Flower and worker logs show: the job's head, never a whole prompt."""

@@ -15,12 +15,14 @@ from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
+from producer import keys
 from producer.errors import InvalidJob
 from producer.protocol import ChatJob
 from producer.settings import ImageSettings
 
 #: Formats a data URI may carry (the OpenAI API's set, less gif).
 IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/webp"})
+IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})  # as Pillow names them
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[^,;]*)*?;base64,(?P<data>.*)$", re.DOTALL)
 
 
@@ -51,8 +53,11 @@ def check_pixels(data: bytes, limits: ImageSettings, field: str) -> tuple[int, i
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
+            kind = img.format
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise InvalidJob(field, "the data is not a readable png, jpeg or webp image") from None
+    if kind not in IMAGE_FORMATS:
+        raise InvalidJob(field, f"{kind} images are not supported; send png, jpeg or webp")
     if width * height > limits.max_image_pixels:
         raise InvalidJob(field, f"the image is {width}x{height} = {width * height} pixels; "
                          f"images.max_image_pixels is {limits.max_image_pixels}")
@@ -100,5 +105,19 @@ def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = N
     for field, url in images if each else ():
         if url.startswith("data:"):
             check_pixels(decode_data_uri(url, limits, field), limits, field)
-        else:
+        elif not url.startswith(keys.BLOB_SCHEME):
             check_url(url, limits, field)
+
+
+def move_images_to_blobs(job: ChatJob, payload: dict, limits: ImageSettings) -> list[tuple[str, bytes]]:
+    """Replace each data: URI in ``payload`` (the job's JSON form) by a ``vqueue-blob:`` reference
+    and return the (key, bytes) to store: megabytes of base64 stay out of the Celery message."""
+    blobs = []
+    for n, (field, url) in enumerate(image_fields(job)):
+        if not url.startswith("data:"):
+            continue
+        key = keys.blob_key(job.id, n)
+        blobs.append((key, decode_data_uri(url, limits, field)))
+        _, i, _, j, *_ = field.split(".")
+        payload["messages"][int(i)]["content"][int(j)]["image_url"]["url"] = keys.BLOB_SCHEME + key
+    return blobs

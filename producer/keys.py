@@ -19,6 +19,12 @@ key                                type     holds
 ``vqueue:attempt:<job id>``        string   how many times a worker started the job (INCR);
                                             its presence means "started"; TTL
                                             ``redis.result_ttl_s``
+``vqueue:blob:<job id>:<n>``       string   the raw bytes of the job's n-th data: URI image,
+                                            written before the job is queued; the job
+                                            carries ``vqueue-blob:<that key>`` instead
+                                            (keeps megabytes out of Celery messages, Flower
+                                            and the worker's consumer thread); TTL
+                                            ``redis.result_ttl_s``, deleted when the job ends
 ``vqueue:worker:<hostname>``       string   a live worker's announcement (JSON ``WorkerInfo``:
                                             served model, source, max_model_len, modalities,
                                             started time); TTL 3 x ``worker.heartbeat_s``,
@@ -35,6 +41,9 @@ QUEUE_PREFIX = "vqueue."
 RESULT_KEY_PREFIX = "celery-task-meta-"  # Celery's BaseKeyValueStoreBackend.task_keyprefix
 ATTEMPT_KEY_PREFIX = "vqueue:attempt:"
 WORKER_KEY_PREFIX = "vqueue:worker:"
+BLOB_KEY_PREFIX = "vqueue:blob:"
+#: The URL scheme of an image the producer moved to a blob key.
+BLOB_SCHEME = "vqueue-blob:"
 #: A worker's announcement outlives this many missed heartbeats, then expires.
 HEARTBEAT_TTL_BEATS = 3
 
@@ -54,3 +63,7 @@ def attempt_key(job_id: str) -> str:
 
 def worker_key(hostname: str) -> str:
     return f"{WORKER_KEY_PREFIX}{hostname}"
+
+
+def blob_key(job_id: str, index: int) -> str:
+    return f"{BLOB_KEY_PREFIX}{job_id}:{index}"

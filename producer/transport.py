@@ -6,6 +6,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import redis
 from celery import Celery
@@ -38,6 +39,19 @@ def make_celery(settings: Settings, name: str = "vqueue", results: bool = True) 
         enable_utc=True,
     )
     return app
+
+
+@dataclass
+class Outgoing:
+    """One job on its way: the Celery task, its queue, the JSON payload, what Flower shows,
+    and blobs (Redis key, bytes) the payload refers to."""
+
+    task: str
+    job_id: str
+    queue: str
+    payload: dict
+    argsrepr: str
+    blobs: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class JobPublisher:
@@ -73,14 +87,16 @@ class JobPublisher:
                            "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": str(uuid.uuid4())},
         })  # fmt: skip
 
-    def publish(self, messages: Iterable[tuple[str, str, str, dict, str]], chunk: int = 1000) -> None:
-        """``messages``: (task name, job id, queue, payload, argsrepr) tuples, sent in order."""
+    def publish(self, messages: Iterable[Outgoing], blob_ttl_s: int, chunk: int = 1000) -> None:
+        """Send ``messages`` in order; each one's blobs are written before it is queued."""
         with self._client.pipeline(transaction=False) as pipe:
             pending = 0
-            for task, job_id, queue, payload, argsrepr in messages:
-                self._declare(queue)
-                pipe.lpush(queue, self.envelope(task, job_id, queue, payload, argsrepr))
-                pending += 1
+            for m in messages:
+                self._declare(m.queue)
+                for key, data in m.blobs:
+                    pipe.set(key, data, ex=blob_ttl_s)
+                pipe.lpush(m.queue, self.envelope(m.task, m.job_id, m.queue, m.payload, m.argsrepr))
+                pending += 1 + len(m.blobs)
                 if pending >= chunk:
                     pipe.execute()
                     pending = 0

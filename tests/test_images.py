@@ -169,3 +169,29 @@ def test_flower_and_logs_never_see_image_bytes(client: Client) -> None:
                                                                       {"type": "text", "text": "hi"}]}])
     shown = client._argsrepr(job)
     assert "<image>" in shown and "base64" not in shown and len(shown) < 300
+
+
+def test_images_travel_as_blobs_not_inside_the_queued_message(client: Client, redis_server) -> None:
+    import redis as redis_py
+
+    from producer import keys
+
+    data = png(300, 300, seed=9)
+    job = ChatJob(model="nobody-serves-blobs", messages=[{"role": "user", "content": [image_part(data)]}])
+    client.submit(job)
+    r = redis_py.Redis.from_url(redis_server.url)
+    [message] = r.lrange(keys.queue_for("nobody-serves-blobs"), 0, -1)
+    assert len(message) < 4000 < len(data)  # the 200 kB image is not in the Celery message
+    blob = keys.blob_key(job.id, 0)
+    assert r.get(blob) == data and 0 < r.ttl(blob) <= client.settings.redis.result_ttl_s
+    r.delete(keys.queue_for("nobody-serves-blobs"), blob)
+
+
+def test_blob_is_deleted_when_its_job_ends(worker, client: Client, redis_server) -> None:
+    import redis as redis_py
+
+    from producer import keys
+
+    job = ChatJob(model=MODEL, messages=[{"role": "user", "content": [image_part(png(64, 48))]}], sampling=GREEDY)
+    client.result(client.submit(job), timeout=60)
+    assert redis_py.Redis.from_url(redis_server.url).exists(keys.blob_key(job.id, 0)) == 0

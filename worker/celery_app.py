@@ -52,7 +52,7 @@ app.conf.update(
     worker_hijack_root_logger=True,
 )
 
-holder = EngineHolder(settings)
+holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key))
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
 

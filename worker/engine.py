@@ -52,8 +52,9 @@ class EngineHolder:
     ``InvalidJob`` for a job the engine refuses and ``EngineDead`` once the engine died.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, blob_reader: media.BlobReader | None = None) -> None:
         self.settings = settings
+        self._blob_reader = blob_reader or (lambda key: None)
         self.engine: Any = None
         self.model_defaults: dict[str, Any] = {}
         self.dead = False
@@ -111,7 +112,7 @@ class EngineHolder:
         messages = None
         if isinstance(job, ChatJob):
             # Decoding and fetching images happens here, in the caller's thread, off the engine loop.
-            messages = media.prepare_messages(job, self.settings.images, self._max_images())
+            messages = media.prepare_messages(job, self.settings.images, self._max_images(), self._blob_reader)
         return self._call(self._run_job(job, messages, started_at=started_at, worker=worker, attempt=attempt)).result()
 
     def _max_images(self) -> int:

@@ -12,11 +12,13 @@ import ipaddress
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from PIL import Image
 
+from producer import keys
 from producer.errors import InvalidJob
 from producer.images import check_images, check_pixels, check_url, decode_data_uri
 from producer.protocol import ChatJob
@@ -71,7 +73,29 @@ def load_image(data: bytes, limits: ImageSettings, field: str) -> Image.Image:
         raise InvalidJob(field, f"the image is corrupt ({exc})") from None
 
 
-def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int) -> list[dict[str, Any]]:
+BlobReader = Callable[[str], bytes | None]
+
+
+def read_blob(url: str, limits: ImageSettings, field: str, reader: BlobReader) -> bytes:
+    """The bytes of an image the producer stored under a ``vqueue-blob:`` key."""
+    data = reader(url[len(keys.BLOB_SCHEME) :])
+    if data is None:
+        raise InvalidJob(field, "the image's blob has expired or was never written (redis.result_ttl_s); "
+                         "submit the job again")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidJob(field, f"the image is {len(data)} bytes; images.max_image_bytes is {limits.max_image_bytes}")
+    return data
+
+
+def image_bytes(url: str, limits: ImageSettings, field: str, reader: BlobReader) -> bytes:
+    if url.startswith(keys.BLOB_SCHEME):
+        return read_blob(url, limits, field, reader)
+    if url.startswith("data:"):
+        return decode_data_uri(url, limits, field)
+    return fetch(url, limits, field)
+
+
+def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int, reader: BlobReader) -> list[dict[str, Any]]:
     """The job's messages for vLLM's renderer, every image decoded, checked and in PIL form."""
     check_images(job, limits, max_images=max_images, each=False)
     messages = []
@@ -85,7 +109,7 @@ def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int) -> li
                 parts.append({"type": "text", "text": part.text})
                 continue
             field, url = f"messages.{i}.content.{j}.image_url.url", part.image_url.url
-            data = decode_data_uri(url, limits, field) if url.startswith("data:") else fetch(url, limits, field)
+            data = image_bytes(url, limits, field, reader)
             parts.append({"type": "image_pil", "image_pil": load_image(data, limits, field)})
         messages.append({"role": message.role, "content": parts})
     return messages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from producer import keys
 from producer.errors import EngineDead, InvalidJob
-from producer.protocol import JobResult, parse_job
+from producer.protocol import ChatJob, CompletionJob, JobResult, parse_job
 from worker.celery_app import app, holder, settings
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,22 @@ def invalid_job_from(exc: ValidationError) -> InvalidJob:
     return InvalidJob(field, f"{err['msg']}{more}")
 
 
-def record_attempt(job_id: str) -> int:
-    """Count the starts of this job (1 on first delivery, 2 after a redelivery, ...)."""
-    client = app.backend.client
+def record_attempt(job_id: str) -> tuple[int, dict[str, Any] | None]:
+    """Count the starts of this job (1 on first delivery, 2 after a redelivery, ...), and return
+    its stored result if an earlier delivery already finished it; one Redis round trip."""
     key = keys.attempt_key(job_id)
-    with client.pipeline() as pipe:
-        attempt, _ = pipe.incr(key).expire(key, settings.redis.result_ttl_s).execute()
-    return int(attempt)
+    with app.backend.client.pipeline() as pipe:
+        pipe.incr(key).expire(key, settings.redis.result_ttl_s).get(keys.result_key(job_id))
+        attempt, _, done = pipe.execute()
+    meta = json.loads(done) if done else None
+    return int(attempt), meta["result"] if meta and meta.get("status") == "SUCCESS" else None
+
+
+def forget_blobs(job: CompletionJob | ChatJob) -> None:
+    urls = job.image_urls() if isinstance(job, ChatJob) else []
+    blob_keys = [u[len(keys.BLOB_SCHEME) :] for u in urls if u.startswith(keys.BLOB_SCHEME)]
+    if blob_keys:
+        app.backend.client.delete(*blob_keys)
 
 
 # The job is validated here rather than with Celery's pydantic=True so that a bad job ends
@@ -46,13 +56,19 @@ def generate(self: Task, payload: Any) -> dict[str, Any]:
         job = parse_job(payload)
     except ValidationError as exc:
         raise invalid_job_from(exc) from None
-    attempt = record_attempt(job.id)
+    attempt, earlier = record_attempt(job.id)
+    if earlier is not None:
+        return earlier  # delivered again after it finished (e.g. a lost ack): never run twice
     try:
         result: JobResult = holder.run_job(job, started_at=started_at, worker=self.request.hostname, attempt=attempt)
+    except InvalidJob:
+        forget_blobs(job)
+        raise
     except EngineDead as exc:
         # Hand the job back and stop this worker with a failure code, so that its
         # supervisor starts a fresh one; no job is failed for the engine's death.
         log.error("%s; requeueing job %s and stopping the worker", exc, job.id)
         state.should_stop = os.EX_SOFTWARE
         raise Reject(str(exc), requeue=True) from None
+    forget_blobs(job)
     return result.model_dump(mode="json")
