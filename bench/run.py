@@ -58,8 +58,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def mode_env(args: argparse.Namespace, redis_url: str = "redis://127.0.0.1:1/0") -> dict[str, str]:
-    env = {"VQUEUE_MODEL__SOURCE": str(args.model), "VQUEUE_MODEL__SERVED_NAME": SERVED,
+#: Variants of the queue mode: "queue:noevents" runs the worker without Flower's task events.
+VARIANTS = {"noevents": {"VQUEUE_WORKER__TASK_EVENTS": "false"}}
+
+
+def mode_env(args: argparse.Namespace, redis_url: str = "redis://127.0.0.1:1/0", variant: str = "") -> dict[str, str]:
+    env = {**VARIANTS.get(variant, {}),"VQUEUE_MODEL__SOURCE": str(args.model), "VQUEUE_MODEL__SERVED_NAME": SERVED,
            "VQUEUE_REDIS__URL": redis_url, **ENGINE[args.preset]}  # fmt: skip
     if args.load_format:
         env["VQUEUE_ENGINE__LOAD_FORMAT"] = args.load_format
@@ -129,11 +133,11 @@ def submit_rate(client: Client, n: int = 20_000) -> dict:
     return {"jobs": n, "wall_s": round(wall, 3), "jobs_per_s": round(n / wall, 1)}
 
 
-def run_queue(args: argparse.Namespace, workdir: Path) -> dict:
-    with RedisServer(workdir / "redis") as redis_server:
-        env = mode_env(args, redis_server.url)
+def run_queue(args: argparse.Namespace, workdir: Path, variant: str = "") -> dict:
+    with RedisServer(workdir / f"redis{variant}") as redis_server:
+        env = mode_env(args, redis_server.url, variant)
         started = time.perf_counter()
-        with WorkerProcess(env, log_path=workdir / "worker.log", cwd=ROOT) as worker:
+        with WorkerProcess(env, log_path=workdir / f"worker{variant}.log", cwd=ROOT) as worker:
             worker.wait_ready(timeout_s=900)
             out: dict = {"engine_start_s": round(time.perf_counter() - started, 1), "workloads": {}}
             with Client(settings_for(env)) as client:
@@ -269,11 +273,14 @@ def ratios(modes: dict, name: str) -> dict:
         return modes.get(mode, {}).get("workloads", {}).get(name, {}).get("wall_s")
 
     out = {}
-    q, b, s = wall("queue"), wall("bare"), wall("serve")
-    if q and b:
-        out["queue/bare"] = round(b / q, 4)  # throughput ratio: > 1 means the queue was faster
-    if q and s:
-        out["queue/serve"] = round(s / q, 4)
+    b, s = wall("bare"), wall("serve")
+    for mode in (m for m in modes if m.startswith("queue")):
+        q = wall(mode)
+        if q and b:
+            out[f"{mode}/bare"] = round(b / q, 4)  # throughput ratio: > 1 means the queue was faster
+        if q and s:
+            out[f"{mode}/serve"] = round(s / q, 4)
+    q = wall("queue")
     if name == "C" and q and b:
         lat = {m: modes[m]["workloads"][name]["latency_p50_s"] for m in ("queue", "bare")}
         p99 = {m: modes[m]["workloads"][name]["latency_p99_s"] for m in ("queue", "bare")}
@@ -320,8 +327,10 @@ def main() -> None:
     partial = Path(args.partial) if args.partial else workdir / "partial.json"
     modes: dict = json.loads(partial.read_text()) if partial and partial.exists() else {}
     runners = {"bare": run_bare, "queue": run_queue, "serve": run_serve}
-    for mode in args.modes.split(","):
-        modes[mode] = runners[mode](args, workdir)
+    for spec in args.modes.split(","):
+        mode, _, variant = spec.partition(":")
+        key = f"{mode}-{variant}" if variant else mode
+        modes[key] = run_queue(args, workdir, variant) if variant else runners[mode](args, workdir)
         partial.write_text(json.dumps(modes))  # a later mode's failure keeps the earlier ones
     path = write_results(args, modes)
     for record in json.loads(path.read_text()):

@@ -84,6 +84,8 @@ class WorkerSettings(_Section):
     max_in_flight: int = Field(256, ge=1)
     #: How often the engine logs its own counters (running / waiting requests).
     log_stats_interval_s: float = Field(10.0, gt=0)
+    #: Task events for Flower (received, started, succeeded); three Redis publishes per job.
+    task_events: bool = True
     #: How often a worker renews its announcement in Redis (``vqueue models``).
     heartbeat_s: float = Field(5.0, gt=0)
 

@@ -45,7 +45,7 @@ app.conf.update(
     task_queues=[Queue(keys.queue_for(settings.model.served_name))],
     task_default_queue=keys.queue_for(settings.model.served_name),
     # Flower sees every job and its state without flags.
-    worker_send_task_events=True,
+    worker_send_task_events=settings.worker.task_events,
     # No STARTED write to the result key: the job's attempt counter (one INCR the task
     # makes anyway) tells producers it started, and saves a Redis round trip per job.
     task_track_started=False,
