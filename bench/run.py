@@ -59,7 +59,8 @@ def log(msg: str) -> None:
 
 
 #: Variants of the queue mode: "queue:noevents" runs the worker without Flower's task events.
-VARIANTS = {"noevents": {"VQUEUE_WORKER__TASK_EVENTS": "false"}}
+VARIANTS = {"noevents": {"VQUEUE_WORKER__TASK_EVENTS": "false"},
+            "gil5ms": {"VQUEUE_WORKER__GIL_SWITCH_INTERVAL_S": "0.005"}}
 
 
 def mode_env(args: argparse.Namespace, redis_url: str = "redis://127.0.0.1:1/0", variant: str = "") -> dict[str, str]:

@@ -84,6 +84,10 @@ class WorkerSettings(_Section):
     max_in_flight: int = Field(256, ge=1)
     #: How often the engine logs its own counters (running / waiting requests).
     log_stats_interval_s: float = Field(10.0, gt=0)
+    #: Python's GIL switch interval in the worker. The engine's output handler runs long
+    #: Python steps under the GIL; the default 5 ms makes Celery's consumer thread wait that
+    #: long for each hand-over, which throttles how fast jobs enter the engine.
+    gil_switch_interval_s: float = Field(0.0005, gt=0)
     #: Task events for Flower (received, started, succeeded); three Redis publishes per job.
     task_events: bool = True
     #: How often a worker renews its announcement in Redis (``vqueue models``).

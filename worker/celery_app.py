@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -63,6 +64,7 @@ def _start_engine(**_: Any) -> None:
              settings.model.served_name, settings.model.source, keys.queue_for(settings.model.served_name),
              settings.worker.max_in_flight)
     global _reaper
+    sys.setswitchinterval(settings.worker.gil_switch_interval_s)
     _reaper = start_reaper()
     holder.start()
 
