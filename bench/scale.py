@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--late-jobs", type=int, default=None, help="jobs queued before worker 2 starts (2 x --jobs)")
     parser.add_argument("--gpus", default="0,1", help="CUDA_VISIBLE_DEVICES of worker 1 and worker 2")
     parser.add_argument("--gpu-memory-utilization", default=None, help="per engine (0.4 when two share a GPU)")
+    parser.add_argument("--max-in-flight", default=None, help="worker.max_in_flight of each worker")
     parser.add_argument("--label", default=None)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -73,6 +74,8 @@ def main() -> None:
         env = mode_env(args, redis_server.url)
         if args.gpu_memory_utilization:
             env["VQUEUE_ENGINE__GPU_MEMORY_UTILIZATION"] = args.gpu_memory_utilization
+        if args.max_in_flight:
+            env["VQUEUE_WORKER__MAX_IN_FLIGHT"] = args.max_in_flight
         client = Client(settings_for(env))
         r = redis.Redis.from_url(redis_server.url)
 
