@@ -60,7 +60,10 @@ def log(msg: str) -> None:
 
 #: Variants of the queue mode: "queue:noevents" runs the worker without Flower's task events.
 VARIANTS = {"noevents": {"VQUEUE_WORKER__TASK_EVENTS": "false"},
-            "gil5ms": {"VQUEUE_WORKER__GIL_SWITCH_INTERVAL_S": "0.005"}}
+            "gil5ms": {"VQUEUE_WORKER__GIL_SWITCH_INTERVAL_S": "0.005"},
+            # Two workers sharing the one GPU, each engine with 0.4 of its memory.
+            "x2": {"VQUEUE_ENGINE__GPU_MEMORY_UTILIZATION": "0.4", "VQUEUE_WORKER__MAX_IN_FLIGHT": "512"}}
+WORKERS = {"x2": 2}
 
 
 def mode_env(args: argparse.Namespace, redis_url: str = "redis://127.0.0.1:1/0", variant: str = "") -> dict[str, str]:
@@ -138,8 +141,11 @@ def run_queue(args: argparse.Namespace, workdir: Path, variant: str = "") -> dic
     with RedisServer(workdir / f"redis{variant}") as redis_server:
         env = mode_env(args, redis_server.url, variant)
         started = time.perf_counter()
-        with WorkerProcess(env, log_path=workdir / f"worker{variant}.log", cwd=ROOT) as worker:
-            worker.wait_ready(timeout_s=900)
+        with contextlib.ExitStack() as stack:
+            for n in range(WORKERS.get(variant, 1)):  # one at a time: each engine sizes itself on free memory
+                worker = stack.enter_context(WorkerProcess(env, log_path=workdir / f"worker{variant}{n}.log", cwd=ROOT,
+                                                           extra_args=("-n", f"w{n}@%h")))
+                worker.wait_ready(timeout_s=900)
             out: dict = {"engine_start_s": round(time.perf_counter() - started, 1), "workloads": {}}
             with Client(settings_for(env)) as client:
                 out["submit_many"] = submit_rate(client)
