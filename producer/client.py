@@ -25,7 +25,7 @@ IfUnserved = Literal["wait", "fail"]
 
 
 class Client:
-    """Submits jobs to the model queues and polls Redis for their results.
+    """Submits jobs to the model queues and reads their results back from Redis.
 
     :param settings: defaults to ``get_settings()`` (``settings.toml`` + environment).
 
@@ -60,14 +60,18 @@ class Client:
         return self.submit_many([job], if_unserved=if_unserved)[0]
 
     def submit_many(self, jobs: Iterable[AnyJob], if_unserved: IfUnserved = "wait") -> list[str]:
-        """Enqueue many jobs over one broker connection; returns their ids in order."""
+        """Enqueue many jobs in pipelined round trips; returns their ids in order.
+
+        Every job is checked before any is sent: one bad job raises and enqueues nothing.
+        """
         jobs = list(jobs)
         if if_unserved == "fail":
             served = {m.id for m in self.models()}
             for model in dict.fromkeys(j.model for j in jobs):
                 if model not in served:
                     raise ModelNotServed(model, sorted(served))
-        self._publisher.publish((self._message(job) for job in jobs), blob_ttl_s=self.settings.redis.result_ttl_s)
+        messages = [self._message(job) for job in jobs]
+        self._publisher.publish(messages, blob_ttl_s=self.settings.redis.result_ttl_s)
         return [job.id for job in jobs]
 
     def models(self) -> list[ModelInfo]:

@@ -67,3 +67,16 @@ def test_results_from_a_newer_worker_still_parse() -> None:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             "timings": {"enqueued_at": 1, "started_at": 2, "finished_at": 3}, "something_new": True}  # fmt: skip
     assert JobResult.model_validate(data).text == "hi"
+
+
+def test_submit_many_sends_nothing_if_one_job_is_bad(redis_server) -> None:
+    from producer import Client, InvalidJob, Settings, keys
+
+    good = CompletionJob(model="atomic", prompt="fine")
+    # Well-formed, but its image is no image: only the submit-time check finds that.
+    bad = ChatJob(model="atomic", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])  # fmt: skip
+    with Client(Settings(redis={"url": redis_server.url})) as client:
+        with pytest.raises(InvalidJob, match="not a readable"):
+            client.submit_many([good, bad])
+        assert client._redis.llen(keys.queue_for("atomic")) == 0
