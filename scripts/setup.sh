@@ -26,11 +26,15 @@ else
   # torch first, so that pip takes the CPU wheel rather than a CUDA build.
   "${PIP[@]}" "torch==2.13.0"
   "${PIP[@]}" -e ".[cpu,dev]"
-  # PyPI's torchvision is a CUDA build; where it cannot load beside CPU torch, apply the shim
-  # (scripts/torchvision_cpu_shim.py says why). torchaudio/torchcodec are not needed at all.
+  # PyPI's torchaudio/torchcodec are CUDA builds that cannot load beside CPU torch, and vLLM
+  # imports torchaudio if present; nothing here needs them. (Every install brings them back.)
+  if ! .venv/bin/python -c "import torchaudio" >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
+  # PyPI's torchvision is a CUDA build too; where it cannot load, apply the shim
+  # (scripts/torchvision_cpu_shim.py says why).
   if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
     echo "setup: torchvision cannot load beside CPU torch; installing scripts/torchvision_cpu_shim.py"
-    .venv/bin/python -m pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || true
     SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     cp scripts/torchvision_cpu_shim.py "$SITE/vqueue_torchvision_cpu_shim.py"
     echo "import vqueue_torchvision_cpu_shim; vqueue_torchvision_cpu_shim.install()" > "$SITE/vqueue_torchvision_cpu_shim.pth"

@@ -96,3 +96,15 @@ def test_sigkilled_worker_leaves_no_engine_processes_and_drops_out_of_models(env
             time.sleep(0.2)
     finally:
         worker.kill()
+
+
+def test_worker_whose_engine_cannot_start_exits_saying_why(env, tmp_path: Path) -> None:
+    broken = {**env, "VQUEUE_MODEL__SOURCE": str(tmp_path / "no-such-model")}
+    worker = WorkerProcess(broken, log_path=tmp_path / "broken.log", cwd=ROOT)
+    try:
+        assert worker.proc.wait(120) != 0  # never "ready" without an engine
+        log = worker.log_text()
+        assert "the engine did not start" in log and "no-such-model" in log and "model.source" in log
+        assert " ready." not in log
+    finally:
+        worker.kill()

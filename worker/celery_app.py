@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import time
+import traceback
 from typing import Any
 
 from celery import signals
@@ -66,7 +67,14 @@ def _start_engine(**_: Any) -> None:
     global _reaper
     sys.setswitchinterval(settings.worker.gil_switch_interval_s)
     _reaper = start_reaper()
-    holder.start()
+    try:
+        holder.start()
+    except Exception as exc:
+        # Celery logs and swallows a signal handler's Exception, and would then serve jobs
+        # with no engine; a worker whose engine cannot start must exit instead.
+        traceback.print_exc()
+        _reaper.terminate()
+        raise SystemExit(f"vqueue worker: the engine did not start ({type(exc).__name__}: {exc})") from exc
 
 
 @signals.worker_ready.connect
