@@ -13,34 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import time
 import uuid
 
-from PIL import Image
-
 from bench.measure import JobTiming, summarize
 from bench.workloads import PRESETS, Workload, build_jobs
 from producer import ChatJob, CompletionJob, get_settings
-from worker import prompts, sampling
+from worker import media, prompts, sampling
 from worker.engine import engine_args
 from worker.models import resolve_model
-
-
-def decoded_messages(job: ChatJob) -> list[dict]:
-    out = []
-    for m in job.messages:
-        parts = []
-        for p in m.content:
-            if p.type == "text":
-                parts.append({"type": "text", "text": p.text})
-            else:
-                data = base64.b64decode(p.image_url.url.split(",", 1)[1])
-                parts.append({"type": "image_pil", "image_pil": Image.open(io.BytesIO(data)).convert("RGB")})
-        out.append({"role": m.role, "content": parts})
-    return out
 
 
 async def one(engine, job: CompletionJob | ChatJob, messages, max_model_len: int, t0: float) -> JobTiming:
@@ -60,7 +42,9 @@ async def run_workload(engine, w: Workload, model: str, max_model_len: int, seed
     t0 = time.perf_counter()
     # The same jobs as the queue gets: images arrive as PNG data URIs and are decoded here,
     # inside the timed window, as a program calling the engine directly would have to.
-    messages = [decoded_messages(j) if isinstance(j, ChatJob) else None for j in jobs]
+    limits, most = get_settings().images, get_settings().engine.limit_mm_per_prompt.get("image", 0)
+    messages = [media.prepare_messages(j, limits, most, lambda key: None) if isinstance(j, ChatJob) else None
+                for j in jobs]  # fmt: skip
     if w.concurrent:
         pairs = zip(jobs, messages, strict=True)
         timings = await asyncio.gather(*(one(engine, j, m, max_model_len, t0) for j, m in pairs))

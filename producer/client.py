@@ -11,7 +11,7 @@ import redis
 
 from producer import keys
 from producer.errors import JobFailed, JobTimeout, ModelNotServed
-from producer.images import check_images, move_images_to_blobs
+from producer.images import move_images_to_blobs
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, WorkerInfo
 from producer.settings import Settings, get_settings
 from producer.transport import JobPublisher, Outgoing, make_celery
@@ -94,7 +94,6 @@ class Client:
         payload = job.model_dump(mode="json")
         blobs: list[tuple[str, bytes]] = []
         if isinstance(job, ChatJob):
-            check_images(job, self.settings.images)
             blobs = move_images_to_blobs(job, payload, self.settings.images)
         return Outgoing(keys.GENERATE_TASK, job.id, keys.queue_for(job.model), payload, self._argsrepr(job), blobs)
 

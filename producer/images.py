@@ -87,12 +87,10 @@ def image_fields(job: ChatJob) -> list[tuple[str, str]]:
     return found
 
 
-def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = None, each: bool = True) -> None:
-    """Every image limit a job can be checked against without fetching anything.
-
-    ``each=False`` checks only the count and the total size (the worker then checks each
-    image as it decodes it, once).
-    """
+def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = None) -> None:
+    """The limits on a job's images as a whole: how many, and the size of its messages.
+    Each image is checked where it is decoded (once): ``move_images_to_blobs`` at submit,
+    ``worker.media`` in the worker."""
     images = image_fields(job)
     most = limits.max_images_per_job if max_images is None else min(max_images, limits.max_images_per_job)
     if len(images) > most:
@@ -102,22 +100,22 @@ def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = N
     if size > limits.max_message_bytes:
         raise InvalidJob("messages", f"the messages are {size} bytes of JSON; "
                          f"images.max_message_bytes is {limits.max_message_bytes}")
-    for field, url in images if each else ():
-        if url.startswith("data:"):
-            check_pixels(decode_data_uri(url, limits, field), limits, field)
-        elif not url.startswith(keys.BLOB_SCHEME):
-            check_url(url, limits, field)
 
 
 def move_images_to_blobs(job: ChatJob, payload: dict, limits: ImageSettings) -> list[tuple[str, bytes]]:
-    """Replace each data: URI in ``payload`` (the job's JSON form) by a ``vqueue-blob:`` reference
-    and return the (key, bytes) to store: megabytes of base64 stay out of the Celery message."""
+    """Check every image (decoding each data: URI once), replace each data: URI in ``payload``
+    (the job's JSON form) by a ``vqueue-blob:`` reference and return the (key, bytes) to store:
+    megabytes of base64 stay out of the Celery message."""
+    check_images(job, limits)
     blobs = []
     for n, (field, url) in enumerate(image_fields(job)):
         if not url.startswith("data:"):
+            check_url(url, limits, field)
             continue
         key = keys.blob_key(job.id, n)
-        blobs.append((key, decode_data_uri(url, limits, field)))
+        data = decode_data_uri(url, limits, field)
+        check_pixels(data, limits, field)
+        blobs.append((key, data))
         _, i, _, j, *_ = field.split(".")
         payload["messages"][int(i)]["content"][int(j)]["image_url"]["url"] = keys.BLOB_SCHEME + key
     return blobs

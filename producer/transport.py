@@ -33,8 +33,6 @@ def make_celery(settings: Settings, name: str = "vqueue", results: bool = True) 
         # longest wait-plus-run a job can have.
         broker_transport_options={"visibility_timeout": settings.redis.visibility_timeout_s},
         result_expires=settings.redis.result_ttl_s,
-        # Flower shows jobs from the moment they are sent.
-        task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         enable_utc=True,
     )

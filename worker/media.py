@@ -97,7 +97,7 @@ def image_bytes(url: str, limits: ImageSettings, field: str, reader: BlobReader)
 
 def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int, reader: BlobReader) -> list[dict[str, Any]]:
     """The job's messages for vLLM's renderer, every image decoded, checked and in PIL form."""
-    check_images(job, limits, max_images=max_images, each=False)
+    check_images(job, limits, max_images=max_images)
     messages = []
     for i, message in enumerate(job.messages):
         if isinstance(message.content, str):
