@@ -2,7 +2,7 @@
 
 Run as its own process by bench.run (so that its engine's memory is gone before the next
 mode starts). The engine is built from the same settings as the worker's
-(``worker.engine.engine_args``), prompts go through the same renderer, and the PNG data
+(``worker.engine_process.engine_args``), prompts go through the same renderer, and the PNG data
 URIs of workload B are decoded in the timed window (as any program must): the engine's
 own cost plus the unavoidable decoding, with nothing of a service around it.
 
@@ -21,7 +21,7 @@ from bench.measure import JobTiming, summarize
 from bench.workloads import PRESETS, Workload, build_jobs
 from producer import ChatJob, CompletionJob, get_settings
 from worker import media, prompts, sampling
-from worker.engine import engine_args
+from worker.engine_process import engine_args
 from worker.models import resolve_model
 
 
