@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ["bare", "queue", "queue-x2", "serve"]
+MODES = ["bare", "queue", "queue-noevents", "queue-x2", "serve"]
 
 
 def load(paths: list[Path]) -> list[tuple[str, dict]]:
@@ -54,7 +54,8 @@ def plot(rows: list[tuple[str, dict]], out: Path) -> None:
 
 
 def main() -> None:
-    paths = [Path(p) for p in sys.argv[1:]] or [RESULTS / "gpu-h100.json", RESULTS / "cpu.json"]
+    default = [RESULTS / n for n in ("gpu-h100.json", "gpu-h100-rerun.json", "cpu.json")]
+    paths = [Path(p) for p in sys.argv[1:]] or default
     rows = load([p for p in paths if p.exists()])
     plot(rows, RESULTS / "latest.png")
     print(table(rows))

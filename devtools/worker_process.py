@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 
 #: vLLM on a CPU: a small KV cache, OpenMP bound to one core, never the hub, caches in a
 #: temp folder (vLLM otherwise writes to ~/.cache/vllm and leaves IPC sockets in $TMPDIR).
@@ -76,27 +78,43 @@ class WorkerProcess:
                 raise RuntimeError(f"worker not ready after {timeout_s:g} s:\n{self.log_text()[-4000:]}")
             time.sleep(0.5)
 
-    def terminate(self, timeout_s: float = 120) -> int:
-        """SIGTERM (Celery's warm shutdown); returns the exit code."""
+    def terminate(self, timeout_s: float = 120, *, group: bool = False) -> int:
+        """SIGTERM (Celery's warm shutdown) to the worker, or to its whole process group as
+        systemd or a terminal's Ctrl-C would; returns the exit code."""
+        family = self._descendants()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if group:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self._reap_group()
+        self._reap(family)
         return self.proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL the worker and everything in its process group (its engine processes)."""
+        """SIGKILL the worker and every process it started (its engine processes)."""
+        family = self._descendants()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._reap_group()
+        self._reap(family)
 
-    def _reap_group(self) -> None:
+    def _descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def _reap(self, family: list[psutil.Process]) -> None:
+        # The engine runs in a session of its own, so the worker's process group is not enough.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for proc in [*family, *self._descendants()]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
         self._log.close()
 
     def __enter__(self) -> WorkerProcess:

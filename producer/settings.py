@@ -84,9 +84,9 @@ class WorkerSettings(_Section):
     max_in_flight: int = Field(256, ge=1)
     #: How often the engine logs its own counters (running / waiting requests).
     log_stats_interval_s: float = Field(10.0, gt=0)
-    #: Python's GIL switch interval in the worker. The engine's output handler runs long
-    #: Python steps under the GIL; the default 5 ms makes Celery's consumer thread wait that
-    #: long for each hand-over, which throttles how fast jobs enter the engine.
+    #: Python's GIL switch interval in the worker process (Celery's consumer, the pool threads,
+    #: the engine's result reader; the engine has a process of its own). Python's default 5 ms
+    #: makes the consumer thread wait that long for each hand-over under load.
     gil_switch_interval_s: float = Field(0.0005, gt=0)
     #: Task events for Flower (received, started, succeeded); three Redis publishes per job.
     task_events: bool = True

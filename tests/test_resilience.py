@@ -11,9 +11,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
 from devtools.worker_process import WorkerProcess, tiny_model_env
-from producer import Client, CompletionJob, Sampling
+from producer import Client, CompletionJob, Sampling, keys
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-resilience"
@@ -69,11 +70,12 @@ def test_engine_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Cli
         assert all(r.attempt == 2 and r.usage.completion_tokens == 400 for r in results)
         assert all(r.worker.startswith("second@") for r in results)
 
-        # SIGTERM is a warm shutdown: jobs in flight finish, the worker exits 0
+        # SIGTERM is a warm shutdown: jobs in flight finish, the worker exits 0, even when the
+        # signal goes to the worker's whole process group (systemd's default, a terminal's Ctrl-C)
         longest = Sampling(max_tokens=900, temperature=0, ignore_eos=True)
         more = client.submit_many([CompletionJob(model=MODEL, prompt=f"term {i}", sampling=longest) for i in range(8)])
         assert "STARTED" in wait_started(client, more)
-        assert second.terminate(timeout_s=300) == 0
+        assert second.terminate(timeout_s=300, group=True) == 0
         assert [client.state(i) for i in more] == ["SUCCESS"] * 8
     finally:
         second.kill()
@@ -108,3 +110,28 @@ def test_worker_whose_engine_cannot_start_exits_saying_why(env, tmp_path: Path) 
         assert " ready." not in log
     finally:
         worker.kill()
+
+
+def test_engine_process_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Client, tmp_path: Path,
+                                                                        redis_server) -> None:
+    # Given a worker with 4 long jobs in its engine process (worker.engine_process)
+    worker = start(env, tmp_path, "front")
+    ids = client.submit_many([CompletionJob(model=MODEL, prompt=f"front {i}", sampling=LONG) for i in range(4)])
+    try:
+        assert wait_started(client, ids) == ["STARTED"] * 4
+        # When the engine process itself is killed (say, by the OOM killer)
+        engine = engine_processes(worker)
+        front = [p for p in engine if "worker.engine_process" in " ".join(p.cmdline())]
+        assert len(front) == 1 and len(engine) > 1, [p.cmdline() for p in engine]
+        front[0].kill()
+        # Then the worker hands every job back, fails none, and exits for its supervisor to restart it
+        assert worker.proc.wait(120) == os.EX_SOFTWARE
+        assert client.queue_length(MODEL) == 4
+        assert all(client.state(i) == "STARTED" for i in ids)
+        assert "the engine process ended" in worker.log_text()
+        # And vLLM's own processes, orphaned by the engine process's death, are gone with it
+        _, alive = psutil.wait_procs(engine, timeout=15)
+        assert not alive, f"engine processes outlived the worker: {[p.name() for p in alive]}"
+    finally:
+        worker.kill()
+        redis.Redis.from_url(redis_server.url).delete(keys.queue_for(MODEL))  # nobody will run them

@@ -9,8 +9,11 @@ in flight at every step; nothing here forms batches.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -81,9 +84,14 @@ class EngineHolder:
             self._channel.send(("stop",))
             self._proc.wait(STOP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired):
-            log.warning("the engine process did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
-            self._proc.kill()
+            if self._proc.poll() is None:
+                log.warning("the engine process did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
+                self._proc.kill()
             self._proc.wait()
+        # vLLM's own processes (EngineCore, its workers) live in the engine process's group;
+        # if the engine process died first they are orphans that still hold the GPU's memory.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
         self._channel.close()
         self._proc = None
 
