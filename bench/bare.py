@@ -39,10 +39,11 @@ async def one(engine, job: CompletionJob | ChatJob, messages, max_model_len: int
 
 async def run_workload(engine, w: Workload, model: str, max_model_len: int, seed: int, n: int | None = None) -> dict:
     jobs = build_jobs(w, model, seed, n)
+    settings = get_settings()
+    limits, most = settings.images, settings.engine.limit_mm_per_prompt.get("image", 0)
     t0 = time.perf_counter()
     # The same jobs as the queue gets: images arrive as PNG data URIs and are decoded here,
     # inside the timed window, as a program calling the engine directly would have to.
-    limits, most = get_settings().images, get_settings().engine.limit_mm_per_prompt.get("image", 0)
     messages = [media.prepare_messages(j, limits, most, lambda key: None) if isinstance(j, ChatJob) else None
                 for j in jobs]  # fmt: skip
     if w.concurrent:

@@ -75,16 +75,15 @@ def check_url(url: str, limits: ImageSettings, field: str) -> None:
                          "send the image as a data: URI instead")
 
 
-def image_fields(job: ChatJob) -> list[tuple[str, str]]:
-    """(field path, url) of every image in the job, e.g. ``messages.1.content.0.image_url.url``."""
-    found = []
-    for i, message in enumerate(job.messages):
-        if isinstance(message.content, str):
-            continue
-        for j, part in enumerate(message.content):
-            if part.type == "image_url":
-                found.append((f"messages.{i}.content.{j}.image_url.url", part.image_url.url))
-    return found
+def image_field(message: int, part: int) -> str:
+    """The field path errors name for an image, e.g. ``messages.1.content.0.image_url.url``."""
+    return f"messages.{message}.content.{part}.image_url.url"
+
+
+def image_fields(job: ChatJob) -> list[tuple[int, int, str]]:
+    """(message index, part index, url) of every image in the job."""
+    return [(i, j, part.image_url.url) for i, message in enumerate(job.messages) if not isinstance(message.content, str)
+            for j, part in enumerate(message.content) if part.type == "image_url"]  # fmt: skip
 
 
 def check_images(job: ChatJob, limits: ImageSettings, max_images: int | None = None) -> None:
@@ -108,7 +107,8 @@ def move_images_to_blobs(job: ChatJob, payload: dict, limits: ImageSettings) -> 
     megabytes of base64 stay out of the Celery message."""
     check_images(job, limits)
     blobs = []
-    for n, (field, url) in enumerate(image_fields(job)):
+    for n, (i, j, url) in enumerate(image_fields(job)):
+        field = image_field(i, j)
         if not url.startswith("data:"):
             check_url(url, limits, field)
             continue
@@ -116,6 +116,5 @@ def move_images_to_blobs(job: ChatJob, payload: dict, limits: ImageSettings) -> 
         data = decode_data_uri(url, limits, field)
         check_pixels(data, limits, field)
         blobs.append((key, data))
-        _, i, _, j, *_ = field.split(".")
-        payload["messages"][int(i)]["content"][int(j)]["image_url"]["url"] = keys.BLOB_SCHEME + key
+        payload["messages"][i]["content"][j]["image_url"]["url"] = keys.blob_url(key)
     return blobs

@@ -67,3 +67,13 @@ def worker_key(hostname: str) -> str:
 
 def blob_key(job_id: str, index: int) -> str:
     return f"{BLOB_KEY_PREFIX}{job_id}:{index}"
+
+
+def blob_url(key: str) -> str:
+    """What a job carries in place of an image moved to ``key``."""
+    return f"{BLOB_SCHEME}{key}"
+
+
+def blob_key_of(url: str) -> str | None:
+    """The Redis key a ``vqueue-blob:`` URL names; None for any other URL."""
+    return url[len(BLOB_SCHEME) :] if url.startswith(BLOB_SCHEME) else None

@@ -88,7 +88,7 @@ class WorkerSettings(_Section):
     #: the engine's result reader; the engine has a process of its own). Python's default 5 ms
     #: makes the consumer thread wait that long for each hand-over under load.
     gil_switch_interval_s: float = Field(0.0005, gt=0)
-    #: Task events for Flower (received, started, succeeded); three Redis publishes per job.
+    #: Task events for Flower (received, succeeded); Celery publishes them in batches.
     task_events: bool = True
     #: How often a worker renews its announcement in Redis (``vqueue models``).
     heartbeat_s: float = Field(5.0, gt=0)

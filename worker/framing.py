@@ -39,7 +39,7 @@ class SyncChannel:
         (size,) = _HEADER.unpack(self._recv_exactly(_HEADER.size))
         return pickle.loads(self._recv_exactly(size))
 
-    def _recv_exactly(self, size: int) -> bytes:
+    def _recv_exactly(self, size: int) -> bytearray:
         buf = bytearray(size)
         view, got = memoryview(buf), 0
         while got < size:
@@ -47,7 +47,7 @@ class SyncChannel:
             if n == 0:
                 raise EOFError("the other end closed the channel")
             got += n
-        return bytes(buf)
+        return buf  # pickle reads it as it is: no copy
 
     def close(self) -> None:
         self._sock.close()

@@ -20,7 +20,7 @@ from PIL import Image
 
 from producer import keys
 from producer.errors import InvalidJob
-from producer.images import check_images, check_pixels, check_url, decode_data_uri
+from producer.images import check_images, check_pixels, check_url, decode_data_uri, image_field
 from producer.protocol import ChatJob
 from producer.settings import ImageSettings
 
@@ -76,9 +76,9 @@ def load_image(data: bytes, limits: ImageSettings, field: str) -> Image.Image:
 BlobReader = Callable[[str], bytes | None]
 
 
-def read_blob(url: str, limits: ImageSettings, field: str, reader: BlobReader) -> bytes:
-    """The bytes of an image the producer stored under a ``vqueue-blob:`` key."""
-    data = reader(url[len(keys.BLOB_SCHEME) :])
+def read_blob(key: str, limits: ImageSettings, field: str, reader: BlobReader) -> bytes:
+    """The bytes of an image the producer stored under ``key``."""
+    data = reader(key)
     if data is None:
         raise InvalidJob(field, "the image's blob has expired or was never written (redis.result_ttl_s); "
                          "submit the job again")
@@ -88,8 +88,8 @@ def read_blob(url: str, limits: ImageSettings, field: str, reader: BlobReader) -
 
 
 def image_bytes(url: str, limits: ImageSettings, field: str, reader: BlobReader) -> bytes:
-    if url.startswith(keys.BLOB_SCHEME):
-        return read_blob(url, limits, field, reader)
+    if (key := keys.blob_key_of(url)) is not None:
+        return read_blob(key, limits, field, reader)
     if url.startswith("data:"):
         return decode_data_uri(url, limits, field)
     return fetch(url, limits, field)
@@ -108,8 +108,8 @@ def prepare_messages(job: ChatJob, limits: ImageSettings, max_images: int, reade
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text})
                 continue
-            field, url = f"messages.{i}.content.{j}.image_url.url", part.image_url.url
-            data = image_bytes(url, limits, field, reader)
+            field = image_field(i, j)
+            data = image_bytes(part.image_url.url, limits, field, reader)
             parts.append({"type": "image_pil", "image_pil": load_image(data, limits, field)})
         messages.append({"role": message.role, "content": parts})
     return messages

@@ -42,7 +42,7 @@ def record_attempt(job_id: str) -> tuple[int, dict[str, Any] | None]:
 
 def forget_blobs(job: CompletionJob | ChatJob) -> None:
     urls = job.image_urls() if isinstance(job, ChatJob) else []
-    blob_keys = [u[len(keys.BLOB_SCHEME) :] for u in urls if u.startswith(keys.BLOB_SCHEME)]
+    blob_keys = [key for key in map(keys.blob_key_of, urls) if key is not None]
     if blob_keys:
         app.backend.client.delete(*blob_keys)
 
