@@ -1,13 +1,25 @@
 """vqueue's producer side: the job/result protocol, settings and the client. No GPU stack."""
 
 from producer.client import Client
-from producer.errors import EngineDead, InvalidJob, JobError, JobFailed, JobTimeout, ModelNotServed, VQueueError
+from producer.errors import (
+    BrokerUnavailable,
+    EngineDead,
+    EngineError,
+    InvalidJob,
+    JobError,
+    JobFailed,
+    JobTimeout,
+    MalformedMessage,
+    ModelNotServed,
+    VQueueError,
+)
 from producer.protocol import (
     AssistantMessage,
     ChatJob,
     ChatMessage,
     Choice,
     CompletionJob,
+    DeadLetter,
     FinishReason,
     JobResult,
     ModelInfo,
@@ -21,18 +33,22 @@ from producer.settings import Settings, get_settings
 
 __all__ = [
     "AssistantMessage",
+    "BrokerUnavailable",
     "ChatJob",
     "ChatMessage",
     "Choice",
     "Client",
     "CompletionJob",
+    "DeadLetter",
     "EngineDead",
+    "EngineError",
     "FinishReason",
     "InvalidJob",
     "JobError",
     "JobFailed",
     "JobResult",
     "JobTimeout",
+    "MalformedMessage",
     "ModelInfo",
     "ModelNotServed",
     "ResponseFormat",

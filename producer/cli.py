@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.client import Client
-from producer.errors import InvalidJob, JobFailed, JobTimeout, ModelNotServed
+from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout, ModelNotServed
 from producer.protocol import ChatJob, ChatMessage, CompletionJob, JobResult, Sampling
 from producer.settings import get_settings
 
@@ -198,5 +198,35 @@ def settings() -> None:
     out.print_json(json.dumps(_settings.model_dump(mode="json")))
 
 
+@app.command()
+def dead(
+    limit: Annotated[int, typer.Option(help="Show at most this many, newest first.")] = 20,
+    as_json: AsJson = False,
+) -> None:
+    """List messages no worker could run (the dead-letter list), newest first."""
+    with Client() as client:
+        entries = client.dead_letters(limit)
+    if as_json:
+        out.print_json(json.dumps([e.model_dump(mode="json") for e in entries]))
+        return
+    if not entries:
+        err.print("no dead letters")
+        return
+    table = Table("when", "queue", "job", "error", "field", "reason", "bytes")
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
+        table.add_row(when, e.queue, e.job_id or "-", e.error_type, e.field or "-", e.reason[:120], str(e.raw_size))
+    out.print(table)
+
+
+def main() -> None:
+    """The ``vqueue`` command: Redis unreachable is one clear line, never a traceback."""
+    try:
+        app()
+    except BrokerUnavailable as exc:
+        err.print(str(exc), style="red", markup=False, highlight=False)
+        raise SystemExit(4) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

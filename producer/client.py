@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import redis
+from kombu.exceptions import OperationalError
 
 from producer import keys
-from producer.errors import JobFailed, JobTimeout, ModelNotServed
+from producer.errors import BrokerUnavailable, JobFailed, JobTimeout, ModelNotServed
 from producer.images import move_images_to_blobs
-from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, WorkerInfo
+from producer.outcomes import decode_meta
+from producer.protocol import ChatJob, CompletionJob, DeadLetter, JobResult, ModelInfo, WorkerInfo
 from producer.settings import Settings, get_settings
 from producer.transport import JobPublisher, Outgoing, make_celery
 
-#: Celery states after which nothing more happens to a job.
-TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _MGET_CHUNK = 1000
 
 AnyJob = CompletionJob | ChatJob
@@ -65,19 +66,29 @@ class Client:
         Every job is checked before any is sent: one bad job raises and enqueues nothing.
         """
         jobs = list(jobs)
+        messages = [self._message(job) for job in jobs]
         if if_unserved == "fail":
             served = {m.id for m in self.models()}
             for model in dict.fromkeys(j.model for j in jobs):
                 if model not in served:
                     raise ModelNotServed(model, sorted(served))
-        messages = [self._message(job) for job in jobs]
-        self._publisher.publish(messages, blob_ttl_s=self.settings.redis.result_ttl_s)
+        with self._reaching_redis():
+            self._publisher.publish(messages, blob_ttl_s=self.settings.redis.result_ttl_s)
         return [job.id for job in jobs]
+
+    @contextlib.contextmanager
+    def _reaching_redis(self) -> Iterator[None]:
+        """Redis unreachable, whichever library noticed, as one ``BrokerUnavailable``."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+            raise BrokerUnavailable(self.settings.redis.url, exc) from None
 
     def models(self) -> list[ModelInfo]:
         """The models live workers serve now (from their heartbeats), as ``/v1/models`` lists them."""
-        names = list(self._redis.scan_iter(match=f"{keys.WORKER_KEY_PREFIX}*", count=1000))
-        workers = [WorkerInfo.model_validate_json(raw) for raw in self._redis.mget(names) if raw] if names else []
+        with self._reaching_redis():
+            names = list(self._redis.scan_iter(match=f"{keys.WORKER_KEY_PREFIX}*", count=1000))
+            workers = [WorkerInfo.model_validate_json(raw) for raw in self._redis.mget(names) if raw] if names else []
         by_model: dict[str, list[WorkerInfo]] = {}
         for w in workers:
             by_model.setdefault(w.served_name, []).append(w)
@@ -132,6 +143,20 @@ class Client:
         timeout = self.settings.producer.default_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         pending = dict.fromkeys(job_ids)
+        outage: BaseException | None = None
+        while pending:
+            try:
+                yield from self._listen(pending, deadline, timeout)
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting: results written before or after it are all still read
+                # (stored results outlive a restart with AOF); wait it out until the deadline.
+                outage = exc
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(self.settings.redis.url, outage) from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _listen(self, pending: dict[str, None], deadline: float, timeout: float) -> Iterator[JobResult | JobFailed]:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             for chunk in _chunks(list(pending)):
@@ -150,28 +175,36 @@ class Client:
                 if message is None or message["type"] != "message":
                     continue
                 job_id = message["channel"].decode()[len(keys.RESULT_KEY_PREFIX) :]
-                outcome = _decode(job_id, message["data"])
+                outcome = decode_meta(job_id, message["data"])
                 if outcome is not None and job_id in pending:
                     del pending[job_id]
                     yield outcome
         finally:
-            pubsub.close()
+            with contextlib.suppress(redis.RedisError):
+                pubsub.close()
 
     def _sweep(self, pending: dict[str, None]) -> Iterator[JobResult | JobFailed]:
         """Yield (and drop from ``pending``) every job whose result is already stored."""
         for chunk in _chunks(list(pending)):
             for job_id, raw in zip(chunk, self._redis.mget([keys.result_key(j) for j in chunk]), strict=True):
-                outcome = _decode(job_id, raw)
+                outcome = decode_meta(job_id, raw)
                 if outcome is not None:
                     del pending[job_id]
                     yield outcome
 
     def state(self, job_id: str) -> str:
         """The job's state: PENDING (queued or unknown), STARTED (a worker took it), SUCCESS, FAILURE."""
-        raw, attempts = self._redis.mget([keys.result_key(job_id), keys.attempt_key(job_id)])
+        with self._reaching_redis():
+            raw, attempts = self._redis.mget([keys.result_key(job_id), keys.attempt_key(job_id)])
         if raw is not None:
             return json.loads(raw)["status"]
         return "STARTED" if attempts is not None else "PENDING"
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Messages no worker could run (``vqueue:dead-letters``), newest first."""
+        with self._reaching_redis():
+            raw = self._redis.lrange(keys.DEAD_LETTERS_KEY, 0, limit - 1)
+        return [DeadLetter.model_validate_json(r) for r in raw]
 
     def queue_length(self, model: str) -> int:
         """Jobs waiting in ``model``'s queue, not yet taken by any worker."""
@@ -199,22 +232,3 @@ def _chunks(items: list[str], size: int = _MGET_CHUNK) -> Iterator[list[str]]:
 def _part_repr(part: Any) -> str:
     # Never an image's bytes: a 10 MB data URI must not reach Flower or the logs.
     return part.text if part.type == "text" else "<image>"
-
-
-def _decode(job_id: str, raw: bytes | None) -> JobResult | JobFailed | None:
-    """A terminal outcome from Celery's stored meta, or None while the job is unfinished."""
-    if raw is None:
-        return None
-    meta = json.loads(raw)
-    status = meta.get("status")
-    if status not in TERMINAL_STATES:
-        return None
-    if status == "SUCCESS":
-        return JobResult.model_validate(meta["result"])
-    error = meta.get("result") or {}
-    if isinstance(error, dict):
-        message = error.get("exc_message")
-        if isinstance(message, list | tuple):
-            message = " ".join(str(m) for m in message)
-        return JobFailed(job_id, str(error.get("exc_type", status)), str(message))
-    return JobFailed(job_id, status, str(error))

@@ -2,13 +2,20 @@
 
 * ``VQueueError``
     * ``JobError`` - about one job; carries ``job_id``
-        * ``JobFailed`` - the job ended without a result; ``error_type`` says why:
-          ``InvalidJob`` (fix the input and submit again) or an engine error (retry)
+        * ``JobFailed`` - the job ended without a result. ``error_type`` says why, ``field``
+          names the input at fault (when one is), ``retryable`` says whether submitting the
+          same job again can help. The ``error_type`` values are the ``WireError`` classes below
+          (``InvalidJob``, ``MalformedMessage``, ``EngineError``) or, for a message Celery
+          itself refused before vqueue saw it, Celery's exception name (``NotRegistered``).
         * ``JobTimeout`` - no result within the timeout; the message says where the job is
     * ``ModelNotServed`` - ``submit(..., if_unserved="fail")`` for a model no live worker serves
-    * ``InvalidJob`` - raised in the worker for a job it refuses (also a ``ValueError``);
-      reaches the producer as ``JobFailed(error_type="InvalidJob")``
-    * ``EngineDead`` - raised in the worker when its engine died; the job is handed back
+    * ``BrokerUnavailable`` - Redis cannot be reached; names ``redis.url`` and how to start Redis
+    * ``WireError`` - raised in the worker, stored by Celery, read back as ``JobFailed``:
+        * ``InvalidJob`` - the job's input is wrong (also a ``ValueError``); fix it, submit again
+        * ``MalformedMessage`` - the queue message itself could not be read (not vqueue's JSON
+          envelope); the raw bytes are kept in the dead-letter list
+        * ``EngineError`` - vLLM failed on this job for a reason other than its input; a retry may help
+    * ``EngineDead`` - raised in the worker when its engine died or hung; the job is handed back
       to the queue, never failed for it
 
 Jobs that fail validation at submit raise ``pydantic.ValidationError``, which names the field::
@@ -16,7 +23,7 @@ Jobs that fail validation at submit raise ``pydantic.ValidationError``, which na
     try:
         result = client.result(job_id, timeout=60)
     except JobFailed as exc:
-        print(exc.error_type, exc)
+        print(exc.error_type, exc.field, exc.retryable, exc)
     except JobTimeout as exc:
         print("still waiting:", exc)
 """
@@ -37,12 +44,16 @@ class JobError(VQueueError):
 
 
 class JobFailed(JobError):
-    """Raised when a job ended without a result: refused by the worker or failed in the engine."""
+    """A job ended without a result: refused by the worker or failed in the engine."""
 
-    def __init__(self, job_id: str, error_type: str, message: str) -> None:
-        super().__init__(job_id, f"job {job_id} failed: {error_type}: {message}")
+    def __init__(self, job_id: str, error_type: str, message: str, field: str | None = None,
+                 retryable: bool = False) -> None:
+        where = f"{field}: " if field else ""
+        super().__init__(job_id, f"job {job_id} failed: {error_type}: {where}{message}")
         self.error_type = error_type
         self.error = message
+        self.field = field
+        self.retryable = retryable
 
 
 class JobTimeout(JobError):
@@ -61,18 +72,69 @@ class ModelNotServed(VQueueError):
         self.served = served
 
 
-class InvalidJob(VQueueError, ValueError):
-    """Raised in the worker for a job it will not run; the message names the field and the limit."""
+class BrokerUnavailable(VQueueError):
+    """Redis, vqueue's broker and result store, cannot be reached."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(
+            f"cannot reach Redis at redis.url={redact_url(url)} ({type(cause).__name__}: {cause}). "
+            "Start it (`redis-server --appendonly yes`, or `docker compose up redis`), or point "
+            "VQUEUE_REDIS__URL / settings.toml [redis] url at a running one (redis://:PASSWORD@HOST:6379/0)."
+        )
+        self.url = redact_url(url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+class WireError(VQueueError):
+    """A job's failure as the worker stores it: Celery keeps ``type(exc).__name__`` and ``args``
+    (JSON), and ``producer.outcomes`` turns them back into a ``JobFailed``."""
+
+    retryable = False
+
+    def __init__(self, field: str | None, message: str) -> None:
+        # args are what Celery stores as "exc_message" (JSON): the field and the reason, apart.
+        super().__init__(field, message)
         self.field = field
         self.reason = message
 
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}" if self.field else self.reason
+
+    def __reduce__(self) -> tuple[type, tuple[str | None, str]]:
         # Celery checks that an exception survives pickling before storing it.
         return type(self), (self.field, self.reason)
 
 
+class InvalidJob(WireError, ValueError):
+    """The job will not run as given; the message names the field and the limit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+
+
+class MalformedMessage(WireError):
+    """The queue message could not be read as a vqueue job; it is kept in the dead-letter list."""
+
+
+class EngineError(WireError):
+    """vLLM failed on this job for a reason that is not its input; submitting it again may work."""
+
+    retryable = True
+
+
+#: Every ``WireError`` by the name Celery stores for it.
+WIRE_ERRORS: dict[str, type[WireError]] = {c.__name__: c for c in (InvalidJob, MalformedMessage, EngineError)}
+
+
 class EngineDead(VQueueError):
-    """Raised in the worker when its vLLM engine died; in-flight jobs go back to the queue."""
+    """Raised in the worker when its vLLM engine died or stopped answering; in-flight jobs go
+    back to the queue."""

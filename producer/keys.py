@@ -12,9 +12,16 @@ key                                type     holds
                                             or an error; TTL ``redis.result_ttl_s``.
                                             Celery builds this key (``task_keyprefix``);
                                             ``result_key`` mirrors it for polling
-``unacked`` / ``unacked_index``    hash /   Celery's late-ack bookkeeping (kombu): jobs
-                                   zset     reserved by a worker, delivered again after
-                                            ``redis.visibility_timeout_s``
+``unacked`` / ``unacked_index``    hash /   kombu's late-ack bookkeeping: each message a
+                                   zset     worker holds, scored by its lease's start; the
+                                            holder renews its leases every
+                                            ``redis.lease_s / 6``; a lease older than
+                                            ``redis.lease_s`` (its worker died) is put
+                                            back on the queue by any live worker. No TTL:
+                                            an entry lives exactly as long as its message
+                                            is held (acked or restored: removed)
+``unacked_mutex``                  string   kombu's lock for that restore sweep; TTL
+                                            ``redis.lease_s``
 ``_kombu.binding.*``               set      kombu's queue bindings
 ``vqueue:attempt:<job id>``        string   how many times a worker started the job (INCR);
                                             its presence means "started"; TTL
@@ -25,6 +32,13 @@ key                                type     holds
                                             (keeps megabytes out of Celery messages, Flower
                                             and the worker's consumer thread); TTL
                                             ``redis.result_ttl_s``, deleted when the job ends
+``vqueue:dead-letters``            list     messages no worker could read (JSON: reason,
+                                            queue, job id, the first raw bytes in base64),
+                                            newest first, at most
+                                            ``worker.dead_letter_max``; TTL
+                                            ``redis.result_ttl_s``, renewed on each write
+``vqueue:dead-letters:total``      string   how many were ever dead-lettered (INCR); TTL
+                                            ``redis.result_ttl_s``, renewed on each write
 ``vqueue:worker:<hostname>``       string   a live worker's announcement (JSON ``WorkerInfo``:
                                             served model, source, max_model_len, modalities,
                                             started time); TTL 3 x ``worker.heartbeat_s``,
@@ -41,6 +55,12 @@ QUEUE_PREFIX = "vqueue."
 RESULT_KEY_PREFIX = "celery-task-meta-"  # Celery's BaseKeyValueStoreBackend.task_keyprefix
 ATTEMPT_KEY_PREFIX = "vqueue:attempt:"
 WORKER_KEY_PREFIX = "vqueue:worker:"
+DEAD_LETTERS_KEY = "vqueue:dead-letters"
+DEAD_LETTERS_TOTAL_KEY = "vqueue:dead-letters:total"
+#: kombu's Redis transport keys (set explicitly in ``transport.make_celery`` so they live here).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+UNACKED_MUTEX_KEY = "unacked_mutex"
 BLOB_KEY_PREFIX = "vqueue:blob:"
 #: The URL scheme of an image the producer moved to a blob key.
 BLOB_SCHEME = "vqueue-blob:"

@@ -294,3 +294,23 @@ class ModelInfo(_Lenient):
     modalities: list[str]
     workers: list[str]
     started_at: float  # the earliest of its workers
+
+
+class DeadLetter(_Lenient):
+    """One entry of ``vqueue:dead-letters``: a message no worker could run, kept for operators."""
+
+    kind: Literal["malformed"] = "malformed"
+    queue: str
+    job_id: str | None = None
+    error_type: str
+    field: str | None = None
+    reason: str
+    #: The message's first bytes (at most ``DEAD_LETTER_RAW_BYTES``), base64; ``raw_size`` is the whole size.
+    raw_b64: str
+    raw_size: int
+    at: float
+    worker: str
+
+
+#: How much of an unreadable message a dead-letter entry keeps.
+DEAD_LETTER_RAW_BYTES = 64 * 1024

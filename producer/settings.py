@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,9 +32,14 @@ class _Section(BaseModel):
 
 class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
-    #: Longer than the longest job may wait reserved plus run: a job held longer
-    #: than this by a live worker is delivered again (Celery's Redis caveat).
-    visibility_timeout_s: int = Field(3600, ge=60)
+    #: How long a dead worker's jobs wait before they go back to the queue. A live worker
+    #: renews the lease of every job it holds every lease_s / 6 seconds, so a job that runs
+    #: for hours is never delivered twice; only a worker that stopped renewing (killed, hung,
+    #: cut off from Redis for longer than this) loses its jobs to the others. Shorter: a dead
+    #: worker's jobs come back sooner; longer: a worker may stall (a long GC pause, a Redis
+    #: failover) this long without its jobs being run elsewhere too. The one setting to tune.
+    #: (``visibility_timeout_s``, its old name, is still read.)
+    lease_s: int = Field(60, ge=10, validation_alias=AliasChoices("lease_s", "visibility_timeout_s"))
     #: Results stay readable this long after a job ends.
     result_ttl_s: int = Field(86400, ge=60)
 
@@ -92,6 +97,23 @@ class WorkerSettings(_Section):
     task_events: bool = True
     #: How often a worker renews its announcement in Redis (``vqueue models``).
     heartbeat_s: float = Field(5.0, gt=0)
+    #: The worker asks its engine process for a sign of life this often...
+    engine_ping_interval_s: float = Field(5.0, gt=0)
+    #: ...and treats an engine that has not answered for this long as dead: its jobs go back
+    #: to the queue and the worker exits 70. Must be below ``redis.lease_s``, so that the
+    #: worker hands its jobs back before their leases run out.
+    engine_ping_timeout_s: float = Field(30.0, gt=0)
+    #: Unreadable messages kept in ``vqueue:dead-letters`` (the oldest are dropped).
+    dead_letter_max: int = Field(10_000, ge=1)
+
+
+class TestingSettings(_Section):
+    """Fault hooks for vqueue's own tests. Off unless ``testing.hooks = true``: with them on, a
+    completion job whose prompt is ``vqueue-test:hang-engine`` freezes the engine process's
+    loop (it stops answering) and ``vqueue-test:kill-engine`` makes the engine process exit.
+    Never turn them on in production."""
+
+    hooks: bool = False
 
 
 class ProducerSettings(_Section):
@@ -116,6 +138,18 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     worker: WorkerSettings = WorkerSettings()
     producer: ProducerSettings = ProducerSettings()
+    testing: TestingSettings = TestingSettings()
+
+    @model_validator(mode="after")
+    def _engine_ping_within_lease(self) -> Settings:
+        w = self.worker
+        if w.engine_ping_timeout_s + w.engine_ping_interval_s >= self.redis.lease_s:
+            raise ValueError(
+                f"worker.engine_ping_timeout_s ({w.engine_ping_timeout_s:g}) + worker.engine_ping_interval_s "
+                f"({w.engine_ping_interval_s:g}) must be below redis.lease_s ({self.redis.lease_s}): a worker must "
+                "give up on a hung engine, and hand its jobs back, before their leases expire"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
+from producer import keys
 from producer.settings import Settings
 
 
@@ -29,14 +30,38 @@ def make_celery(settings: Settings, name: str = "vqueue", results: bool = True) 
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        # A job reserved or running longer than this is delivered again; keep it above the
-        # longest wait-plus-run a job can have.
-        broker_transport_options={"visibility_timeout": settings.redis.visibility_timeout_s},
+        broker_transport_options=lease_options(settings),
         result_expires=settings.redis.result_ttl_s,
+        # A result written while Redis restarts waits for it instead of being lost.
+        result_backend_always_retry=True,
+        result_backend_max_retries=120,
         broker_connection_retry_on_startup=True,
         enable_utc=True,
     )
     return app
+
+
+def lease_options(settings: Settings) -> dict:
+    """kombu's Redis transport options that make ``redis.lease_s`` a lease (see ``worker.leases``).
+
+    A message a worker holds stays in ``unacked`` scored by when it was delivered; kombu puts
+    it back on its queue once the score is older than ``visibility_timeout``. Live workers
+    renew the scores of the messages they hold, so only a dead worker's leases run out. kombu's
+    own sweep would look only every 100 s (10 s x a throttle of 10) and restore 10 messages a
+    time; here every live worker sweeps every ``lease_s / 6`` s, all expired leases at once,
+    under a lock that a worker dying mid-sweep holds for at most ``lease_s``.
+    """
+    lease = settings.redis.lease_s
+    return {
+        "visibility_timeout": lease,
+        "unacked_restore_interval": max(1, lease // 6),
+        "unacked_restore_throttle": 1,
+        "unacked_restore_limit": 100_000,
+        "unacked_mutex_expire": lease,
+        "unacked_key": keys.UNACKED_KEY,
+        "unacked_index_key": keys.UNACKED_INDEX_KEY,
+        "unacked_mutex_key": keys.UNACKED_MUTEX_KEY,
+    }
 
 
 @dataclass

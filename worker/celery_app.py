@@ -13,16 +13,18 @@ import time
 import traceback
 from typing import Any
 
+import redis
 from celery import signals
 from kombu import Queue
-from kombu.exceptions import ContentDisallowed
 
 from producer import keys
-from producer.errors import InvalidJob
 from producer.protocol import WorkerInfo
 from producer.settings import get_settings
 from producer.transport import make_celery
+from worker import broker
+from worker.dead_letters import DeadLetters
 from worker.engine import EngineHolder
+from worker.leases import LeaseKeeper
 from worker.reaper import start_reaper
 from worker.registry import Heartbeat
 
@@ -53,10 +55,14 @@ app.conf.update(
     task_track_started=False,
     worker_hijack_root_logger=True,
 )
+if settings.redis.url.startswith(("redis://", "rediss://")):
+    # kombu's Redis transport, but no message can stop the consumer (worker.broker says why).
+    app.conf.broker_transport = broker.TRANSPORT
 
 holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key))
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
+_leases = LeaseKeeper(redis.Redis.from_url(settings.redis.url), settings.redis.lease_s)
 
 
 @signals.worker_init.connect
@@ -89,19 +95,11 @@ def _announce(sender: Any = None, **_: Any) -> None:
     )  # fmt: skip
     _heartbeat = Heartbeat(app.backend.client, info, settings.worker.heartbeat_s)
     _heartbeat.start()
-
-
-@signals.task_rejected.connect
-def _fail_refused_message(message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
-    """A message the worker will not decode (pickle, say) gets a failed result, so that its
-    producer hears why at once instead of waiting for a timeout."""
-    if not isinstance(exc, ContentDisallowed) or message is None:
-        return
-    job_id = (message.headers or {}).get("id")
-    if job_id:
-        app.backend.mark_as_failure(job_id, InvalidJob(
-            "content_type", f"{message.content_type} messages are refused; vqueue accepts JSON only "
-            "(submit with producer.Client, or send_task(..., serializer='json'))"))
+    _leases.start()
+    broker.on_malformed = DeadLetters(
+        app.backend.client, lambda job_id, error: app.backend.mark_as_failure(job_id, error),
+        worker=sender.hostname, max_entries=settings.worker.dead_letter_max, ttl_s=settings.redis.result_ttl_s,
+    ).malformed
 
 
 @signals.worker_shutdown.connect
@@ -109,5 +107,6 @@ def _stop_engine(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
     holder.stop()
+    _leases.stop()  # last: a warm shutdown's jobs kept their leases until they finished
     if _reaper is not None:
         _reaper.terminate()

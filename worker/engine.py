@@ -18,7 +18,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from producer.errors import EngineDead
 from producer.protocol import ChatJob, CompletionJob, JobResult
@@ -52,6 +54,8 @@ class EngineHolder:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._stopping = False
+        self._last_pong = time.monotonic()
+        self._watchdog = threading.Thread(target=self._watch_engine, name="vqueue-engine-watchdog", daemon=True)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -74,7 +78,9 @@ class EngineHolder:
             self._proc.wait(STOP_TIMEOUT_S)
             raise RuntimeError(reply[1])
         self.multimodal = reply[1]["multimodal"]
+        self._last_pong = time.monotonic()
         self._reader.start()
+        self._watchdog.start()
 
     def stop(self) -> None:
         if self._proc is None:
@@ -117,7 +123,43 @@ class EngineHolder:
             self._pending.pop(request_id, None)
             self.dead = True
             raise EngineDead("the engine process is gone; the job goes back to the queue") from None
-        return future.result()
+        # Never an unbounded wait: a job may run for hours, but each slice of the wait ends
+        # and checks that the engine is still alive (the watchdog fails every job otherwise).
+        while True:
+            try:
+                return future.result(timeout=self.settings.worker.engine_ping_timeout_s)
+            except FutureTimeout:
+                if self.dead:
+                    raise EngineDead("the engine stopped answering; the job goes back to the queue") from None
+
+    def _watch_engine(self) -> None:
+        """Ping the engine process on a schedule; one that stops answering is a dead one."""
+        interval, timeout = self.settings.worker.engine_ping_interval_s, self.settings.worker.engine_ping_timeout_s
+        for ping in itertools.count():
+            time.sleep(interval)
+            if self._stopping or self.dead:
+                return
+            silent = time.monotonic() - self._last_pong
+            if silent > timeout:
+                self._declare_dead(f"the engine process has not answered for {silent:.0f} s "
+                                   f"(worker.engine_ping_timeout_s = {timeout:g})")
+                return
+            try:
+                self._channel.send(("ping", ping))
+            except OSError:
+                return  # the reader sees the socket close and fails the jobs
+
+    def _declare_dead(self, why: str) -> None:
+        """Fail every job in flight with EngineDead (they go back to the queue) and kill the engine."""
+        log.error("%s; its jobs go back to the queue and the worker stops", why)
+        self.dead = True
+        with self._lock:
+            orphans, self._pending = list(self._pending.values()), {}
+        for future in orphans:
+            future.set_exception(EngineDead(f"{why}; the job goes back to the queue"))
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
 
     def _read_results(self) -> None:
         """One thread reads every result and wakes the pool thread that waits for it."""
@@ -126,8 +168,16 @@ class EngineHolder:
                 kind, request_id, payload = self._channel.recv()
             except (EOFError, OSError):
                 break
+            if kind == "pong":
+                self._last_pong = time.monotonic()
+                continue
+            if kind == "dead":
+                self._declare_dead("the engine reports itself dead (vLLM's EngineCore errored)")
+                continue
             with self._lock:
-                future = self._pending.pop(request_id)
+                future = self._pending.pop(request_id, None)
+            if future is None:  # failed already by the watchdog
+                continue
             if kind == "done":
                 future.set_result(payload)
             else:

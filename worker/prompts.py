@@ -11,16 +11,7 @@ from typing import Any
 
 from producer.errors import InvalidJob
 from producer.protocol import ChatJob, CompletionJob
-
-
-def client_errors() -> tuple[type[Exception], ...]:
-    """The exceptions vLLM raises for bad input (not ValueErrors in 0.32)."""
-    try:
-        from vllm.exceptions import VLLMValidationError
-    except ImportError:  # pragma: no cover - older vLLM
-        return (ValueError,)
-    return (VLLMValidationError, ValueError)
-
+from worker import failures
 
 _CHAT_KWARGS = {"add_generation_prompt": True}  # else the prompt ends without the assistant header
 
@@ -40,9 +31,8 @@ async def render(renderer: Any, job: CompletionJob | ChatJob, messages: list[dic
             _, (prompt,) = await renderer.render_chat_async(
                 [messages], ChatParams(chat_template_kwargs=dict(_CHAT_KWARGS))
             )
-    except client_errors() as exc:
-        field = "prompt" if isinstance(job, CompletionJob) else "messages"
-        raise InvalidJob(field, str(exc)) from None
+    except Exception as exc:
+        raise failures.classify(exc, "prompt" if isinstance(job, CompletionJob) else "messages") from None
     keep = job.sampling.truncate_prompt_tokens
     if keep is not None and len(prompt["prompt_token_ids"]) > keep:
         prompt = truncate(prompt, keep)

@@ -8,14 +8,16 @@ import os
 import time
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.worker import state
 from pydantic import ValidationError
 
 from producer import keys
-from producer.errors import EngineDead, InvalidJob
+from producer.errors import EngineDead, InvalidJob, WireError
 from producer.protocol import ChatJob, CompletionJob, JobResult, parse_job
+from worker import failures
 from worker.celery_app import app, holder, settings
 
 log = logging.getLogger(__name__)
@@ -49,26 +51,35 @@ def forget_blobs(job: CompletionJob | ChatJob) -> None:
 
 # The job is validated here rather than with Celery's pydantic=True so that a bad job ends
 # as an InvalidJob naming the field (not a pydantic traceback), and the worker decides.
-@app.task(name=keys.GENERATE_TASK, bind=True, throws=(InvalidJob,))
+# Every ending goes through worker.failures: a typed WireError Celery stores (throws= keeps
+# them out of the error log), or EngineDead, which hands the job back.
+@app.task(name=keys.GENERATE_TASK, bind=True, throws=(WireError,))
 def generate(self: Task, payload: Any) -> dict[str, Any]:
     started_at = time.time()
     try:
         job = parse_job(payload)
     except ValidationError as exc:
         raise invalid_job_from(exc) from None
-    attempt, earlier = record_attempt(job.id)
+    try:
+        attempt, earlier = record_attempt(job.id)
+    except redis.RedisError as exc:
+        # Redis is away: hand the job back. If that fails too, it stays in `unacked` and its
+        # lease (no longer renewed once this request is done) brings it back.
+        raise Reject(f"Redis unreachable ({exc}); the job goes back to the queue", requeue=True) from None
     if earlier is not None:
         return earlier  # delivered again after it finished (e.g. a lost ack): never run twice
     try:
         result: JobResult = holder.run_job(job, started_at=started_at, worker=self.request.hostname, attempt=attempt)
-    except InvalidJob:
+    except Exception as exc:
+        error = failures.classify(exc)
+        if isinstance(error, EngineDead):
+            # Hand the job back and stop this worker with a failure code, so that its
+            # supervisor starts a fresh one; no job is failed for the engine's death. Its
+            # image blobs stay for the next attempt.
+            log.error("%s; requeueing job %s and stopping the worker", error, job.id)
+            state.should_stop = os.EX_SOFTWARE
+            raise Reject(str(error), requeue=True) from None
         forget_blobs(job)
-        raise
-    except EngineDead as exc:
-        # Hand the job back and stop this worker with a failure code, so that its
-        # supervisor starts a fresh one; no job is failed for the engine's death.
-        log.error("%s; requeueing job %s and stopping the worker", exc, job.id)
-        state.should_stop = os.EX_SOFTWARE
-        raise Reject(str(exc), requeue=True) from None
+        raise error from None
     forget_blobs(job)
     return result.model_dump(mode="json")

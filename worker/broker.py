@@ -1,0 +1,131 @@
+"""kombu's Redis transport with one change: a message it cannot read is set aside, never fatal.
+
+kombu decodes each message it pops (BRPOP) inside ``Channel._brpop_read``, before Celery
+sees it. There, one message that is not JSON (binary garbage, a truncated write) raises
+``JSONDecodeError`` in the consumer, which Celery treats as unrecoverable: the worker shuts
+down, engine and all, and the popped message is gone. Messages that are JSON but not kombu's
+envelope, or whose body does not decode, were dropped by Celery without a result.
+
+``Channel._brpop_read`` below is kombu 5.7's (``pyproject.toml`` pins kombu's minor version;
+``tests/test_fuzz.py`` checks the envelope contract against kombu) with the decode replaced by
+``read_envelope``, which checks everything the worker later relies on. A message that fails
+goes to ``on_malformed`` (set by ``worker.celery_app``: dead-letter record with the raw bytes,
+a typed failure for its job when an id can be read, a counter and a log line) and the
+consumer carries on with the next one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
+from producer import keys
+from producer.errors import InvalidJob, MalformedMessage, WireError
+
+log = logging.getLogger(__name__)
+
+#: Called with (raw bytes, queue, job id or None, the error) for each unreadable message.
+MalformedHandler = Callable[[bytes, str, "str | None", WireError], None]
+
+
+def _log_only(raw: bytes, queue: str, job_id: str | None, error: WireError) -> None:
+    log.error("unreadable message on %s (job %s): %s", queue, job_id, error)
+
+
+on_malformed: MalformedHandler = _log_only
+
+
+def read_envelope(raw: bytes | str) -> dict[str, Any]:
+    """kombu's Redis envelope, checked down to the task's arguments; raises ``WireError``.
+
+    Returns the decoded envelope for kombu to deliver. Only vqueue's own task may arrive on
+    vqueue's queues, with its one JSON payload argument.
+    """
+    try:
+        envelope = json.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise MalformedMessage(None, f"the message is not JSON ({exc})") from None
+    if not isinstance(envelope, dict):
+        raise MalformedMessage(None, f"the message is JSON {type(envelope).__name__}, not kombu's envelope object")
+    headers, properties = envelope.get("headers"), envelope.get("properties")
+    if not isinstance(properties, dict):
+        raise MalformedMessage("properties", "missing or not an object")
+    info = properties.get("delivery_info")
+    if not isinstance(properties.get("delivery_tag"), str) or not isinstance(info, dict) \
+            or not isinstance(info.get("routing_key"), str) or "exchange" not in info:
+        raise MalformedMessage("properties", "delivery_tag / delivery_info (exchange, routing_key) missing or wrong")
+    if not isinstance(headers, dict) or not isinstance(headers.get("task"), str):
+        raise MalformedMessage("headers", "missing, or no task name (Celery's message protocol 2)")
+    if headers["task"] != keys.GENERATE_TASK:
+        raise MalformedMessage("headers.task", f"{headers['task']!r} is not a vqueue task ({keys.GENERATE_TASK})")
+    if not isinstance(headers.get("id"), str) or not headers["id"]:
+        raise MalformedMessage("headers.id", "missing or not a string")
+    content_type = envelope.get("content-type")
+    if content_type != "application/json":
+        raise InvalidJob("content-type", f"{content_type} messages are refused; vqueue accepts JSON only "
+                                         "(submit with producer.Client, or send_task(..., serializer='json'))")
+    body = envelope.get("body")
+    if not isinstance(body, str):
+        raise MalformedMessage("body", "missing or not a string")
+    try:
+        if properties.get("body_encoding") == "base64":
+            body = base64.b64decode(body, validate=True).decode()
+        args, kwargs, _embed = json.loads(body)
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise MalformedMessage("body", f"not base64 JSON [args, kwargs, embed] ({exc})") from None
+    if not isinstance(args, list) or len(args) != 1 or kwargs != {}:
+        raise MalformedMessage("body", f"{keys.GENERATE_TASK} takes exactly one argument, the job")
+    return envelope
+
+
+def job_id_of(raw: bytes | str) -> str | None:
+    """The job id of an unreadable message, where one can still be read."""
+    try:
+        job_id = json.loads(raw)["headers"]["id"]
+    except Exception:
+        return None
+    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+
+
+class Channel(kombu_redis.Channel):
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                # if there's a ConnectionError, disconnect so the next iteration reconnects.
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise kombu_redis.Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            try:
+                envelope = read_envelope(item)
+            except WireError as error:
+                try:
+                    on_malformed(item, dest, job_id_of(item), error)
+                except Exception:  # Redis away, say: the message is lost, the worker is not
+                    log.exception("could not dead-letter an unreadable message on %s", dest)
+                return True
+            self.connection._deliver(envelope, dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+#: What ``broker_transport`` names (kombu imports it by this path).
+TRANSPORT = f"{__name__}:Transport"
