@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import redis
 import yaml
 
 from devtools.redis_server import free_port
-from producer import CompletionJob, Sampling
+from producer import Client, CompletionJob, JobTimeout, Sampling, Settings
+from producer.errors import BrokerUnavailable
 from tests.conftest import MODEL, ROOT
 
 WORKER_CMD = ["celery", "-A", "worker", "worker"]
@@ -27,12 +31,55 @@ def test_compose_runs_the_commands_the_readme_and_tests_use() -> None:
     assert " ".join(WORKER_CMD) in readme
     assert compose["flower"]["command"][:4] == ["celery", "-A", "worker", "flower"]
     assert "celery -A worker flower" in readme
-    redis_cmd = compose["redis"]["command"]
-    assert "--appendonly" in redis_cmd and redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
-    assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "noeviction"
     assert compose["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     # The tests start the worker with the same command (plus logging flags only).
     assert '"-A", "worker", "worker"' in (ROOT / "devtools" / "worker_process.py").read_text()
+
+
+def _required_variable(value: str, name: str) -> bool:
+    """``value`` is compose's ``${NAME:?message}``: the variable's value, or compose refuses to start."""
+    return re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", value) is not None
+
+
+def _option(command: list[str], flag: str) -> str:
+    assert flag in command, f"{flag} missing from {command}"
+    return command[command.index(flag) + 1]
+
+
+def test_compose_is_safe_by_default() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    redis_cmd = compose["redis"]["command"]
+    # Redis asks for a password that comes from the environment, never one written here.
+    assert _required_variable(_option(redis_cmd, "--requirepass"), "REDIS_PASSWORD")
+    # Durable and never evicting: AOF, fsync every second, noeviction.
+    assert _option(redis_cmd, "--appendonly") == "yes" and _option(redis_cmd, "--appendfsync") == "everysec"
+    assert _option(redis_cmd, "--maxmemory-policy") == "noeviction"
+    # Redis is not published at all (compose's network only); anything published is on loopback.
+    assert "ports" not in compose["redis"]
+    for service in compose.values():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{port} is published on every interface"
+    # The worker and Flower reach Redis with that password.
+    for name in ("worker", "flower"):
+        url = compose[name]["environment"]["VQUEUE_REDIS__URL"]
+        scheme, _, rest = url.partition("://:")
+        password, _, host = rest.rpartition("@")
+        assert scheme == "redis" and _required_variable(password, "REDIS_PASSWORD") and host == "redis:6379/0"
+    # Flower asks for a login (its --basic-auth option, read from FLOWER_BASIC_AUTH), never opens its API.
+    flower_env = compose["flower"]["environment"]
+    assert _required_variable(flower_env["FLOWER_BASIC_AUTH"], "FLOWER_BASIC_AUTH")
+    assert "FLOWER_UNAUTHENTICATED_API" not in flower_env
+    assert compose["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+
+
+def test_no_secret_is_in_the_repository() -> None:
+    example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^REDIS_PASSWORD=change-me", example, re.M) and re.search(r"^FLOWER_BASIC_AUTH=\w+:change-me",
+                                                                                example, re.M)  # fmt: skip
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert ".env" not in tracked
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
+    assert ignored.returncode == 0, ".env must be in .gitignore"
 
 
 def test_readme_gives_the_two_setup_commands() -> None:
@@ -41,41 +88,115 @@ def test_readme_gives_the_two_setup_commands() -> None:
     assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_flower_shows_the_worker_and_each_job_with_trimmed_arguments(worker, client, redis_server, tmp_path) -> None:
+def test_flower_asks_for_its_login(flower) -> None:
+    for path in ("/", "/api/tasks", "/api/workers"):
+        assert flower.status(path, login=None) == 401, path
+        assert flower.status(path, login="operator:wrong") == 401, path
+        assert flower.status(path) == 200, path
+
+
+def test_flower_shows_the_worker_and_each_job_with_trimmed_arguments(worker, client, flower) -> None:
+    job = CompletionJob(model=MODEL, prompt="word " * 500, sampling=Sampling(max_tokens=4, temperature=0))
+    client.result(client.submit(job), timeout=60)
+    deadline = time.monotonic() + 30
+    while (task := flower.get("/api/tasks").get(job.id)) is None or task.get("state") != "SUCCESS":
+        assert time.monotonic() < deadline, f"Flower never showed {job.id} succeeded: {task}"
+        time.sleep(0.5)
+    assert task["name"] == "vqueue.generate"
+    assert task["worker"].startswith("celery@")
+    assert task["worker"] in flower.get("/api/workers?refresh=1")  # Flower lists the worker that ran it
+    assert "completion" in task["args"] and len(task["args"]) < 400  # not the 2,500-character prompt
+
+
+PASSWORD = "test-only-redis-password"
+
+
+def _start_redis(tmp_path: Path, *args: str) -> subprocess.Popen:
+    log = open(tmp_path / "redis.log", "wb")  # noqa: SIM115 - the server's output, for failures
+    return subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "",
+                             "--appendonly", "no", "--requirepass", PASSWORD, *args], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _wait_for(url: str, proc: subprocess.Popen, tmp_path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.poll() is None, (tmp_path / "redis.log").read_text()
+        try:
+            redis.Redis.from_url(url).ping()
+            return
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_with_password(tmp_path: Path) -> Iterator[int]:
     port = free_port()
-    env = {**os.environ, "VQUEUE_REDIS__URL": redis_server.url, "FLOWER_UNAUTHENTICATED_API": "true"}
-    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
-    flower = subprocess.Popen([str(Path(sys.executable).with_name("celery")), "-A", "worker", "flower",
-                               f"--port={port}", "--address=127.0.0.1"], env=env, cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)  # fmt: skip
+    proc = _start_redis(tmp_path, "--port", str(port))
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/api/workers", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
-                time.sleep(0.5)
-        time.sleep(2)  # Flower subscribes to the event stream
-        job = CompletionJob(model=MODEL, prompt="word " * 500, sampling=Sampling(max_tokens=4, temperature=0))
-        client.result(client.submit(job), timeout=60)
-        deadline = time.monotonic() + 30
-        while True:
-            tasks = json.load(urllib.request.urlopen(f"{base}/api/tasks", timeout=5))
-            task = tasks.get(job.id)
-            if task and task.get("state") == "SUCCESS":
-                break
-            assert time.monotonic() < deadline, f"Flower never saw {job.id} succeed: {task}"
-            time.sleep(0.5)
-        assert task["name"] == "vqueue.generate"
-        assert task["worker"].startswith("celery@")
-        assert "completion" in task["args"] and len(task["args"]) < 400  # not the 2,500-character prompt
+        _wait_for(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", proc, tmp_path)
+        yield port
     finally:
-        flower.terminate()
-        flower.wait(10)
-        log.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def _round_trip_without_a_worker(url: str) -> None:
+    """Submit, see it queued and PENDING, and time out reading it: every Redis path the client has."""
+    with Client(Settings(redis={"url": url})) as client:
+        job_id = client.submit(CompletionJob(model="secured", prompt="x"))
+        assert client.queue_length("secured") == 1 and client.state(job_id) == "PENDING"
+        assert client.models() == []
+        with pytest.raises(JobTimeout, match=r"vqueue\.secured \(1 waiting\)"):
+            client.result(job_id, timeout=1)
+
+
+def test_redis_url_with_a_password_works_and_a_wrong_one_is_refused_naming_redis_url(redis_with_password) -> None:
+    port = redis_with_password
+    _round_trip_without_a_worker(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+    for url in (f"redis://:wrong-password@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
+        with Client(Settings(redis={"url": url})) as client, pytest.raises(BrokerUnavailable) as info:
+            client.submit(CompletionJob(model="secured", prompt="x"))
+        assert "redis.url" in str(info.value) and "wrong-password" not in str(info.value)
+    assert redis.Redis.from_url(f"redis://:{PASSWORD}@127.0.0.1:{port}/0").llen("vqueue.secured") == 1
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate it signed for localhost / 127.0.0.1 (openssl CLI)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed (apt-get install -y openssl)")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=vqueue test CA")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
+
+
+def test_rediss_url_verifies_the_server_certificate(tmp_path: Path) -> None:
+    ca, cert, key = _tls_files(tmp_path)
+    port = free_port()
+    proc = _start_redis(tmp_path, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+                        "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no")
+    try:
+        trusted = f"rediss://:{PASSWORD}@localhost:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+        _wait_for(trusted, proc, tmp_path)
+        _round_trip_without_a_worker(trusted)
+        # Without the CA that signed it, the server's certificate is refused.
+        untrusted = f"rediss://:{PASSWORD}@localhost:{port}/0?ssl_cert_reqs=required"
+        with Client(Settings(redis={"url": untrusted})) as client, pytest.raises(BrokerUnavailable) as info:
+            client.submit(CompletionJob(model="secured", prompt="x"))
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and PASSWORD not in str(info.value)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_cli_complete_chat_and_result(worker, redis_server) -> None:

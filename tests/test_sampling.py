@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import redis
 from pydantic import ValidationError
 
-from producer import ChatJob, Client, CompletionJob, JobResult, ModelNotServed, Sampling
+from producer import ChatJob, Client, CompletionJob, JobResult, ModelNotServed, Sampling, keys
 from tests.conftest import MODEL, ROOT
 from tests.test_images import png
 
@@ -114,40 +116,62 @@ def test_token_id_prompt(worker, client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sampling", "field"),
+    ("sampling", "loc", "error_type", "detail"),
     [
-        ({"n": 0}, "n"),
-        ({"n": 17}, "n"),
-        ({"logprobs": 21}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
-        ({"logit_bias": {"5": 101}}, "logit_bias"),
-        ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
-        ({"response_format": {"type": "json_schema"}}, "json_schema"),
-        ({"response_format": {"type": "yaml"}}, "type"),
-        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"n": 0}, ("sampling", "n"), "greater_than_equal", {"ge": 1}),
+        ({"n": 17}, ("sampling", "n"), "less_than_equal", {"le": 16}),
+        # logprobs is bool | int: the int branch's error carries the limit.
+        ({"logprobs": 21}, ("sampling", "logprobs", "constrained-int"), "less_than_equal", {"le": 20}),
+        ({"top_logprobs": 2}, ("sampling",), "value_error", "top_logprobs needs logprobs=True"),
+        ({"logit_bias": {"5": 101}}, ("sampling", "logit_bias", "5"), "less_than_equal", {"le": 100}),
+        ({"min_tokens": 9, "max_tokens": 3}, ("sampling",), "value_error",
+         "min_tokens (9) must not exceed max_tokens (3)"),
+        ({"response_format": {"type": "json_schema"}}, ("sampling", "response_format"), "value_error",
+         "response_format.json_schema is required"),
+        ({"response_format": {"type": "yaml"}}, ("sampling", "response_format", "type"), "literal_error",
+         {"expected": "'text', 'json_object' or 'json_schema'"}),
+        ({"truncate_prompt_tokens": 0}, ("sampling", "truncate_prompt_tokens"), "greater_than_equal", {"ge": 1}),
     ],
-)
-def test_bad_sampling_names_the_field(sampling: dict, field: str) -> None:
-    with pytest.raises(ValidationError, match=field):
+)  # fmt: skip
+def test_bad_sampling_is_refused_at_its_field_with_its_limit(sampling: dict, loc: tuple, error_type: str,
+                                                             detail) -> None:
+    with pytest.raises(ValidationError) as info:
         CompletionJob(model=MODEL, prompt="x", sampling=sampling)
+    matching = [e for e in info.value.errors() if e["loc"] == loc]
+    assert matching, f"no error at {loc}: {info.value.errors()}"
+    [error] = matching
+    assert error["type"] == error_type
+    if isinstance(detail, dict):
+        assert detail.items() <= error.get("ctx", {}).items()
+    else:
+        assert detail in error["msg"]
 
 
 def test_logprobs_forms_are_checked_per_kind() -> None:
-    with pytest.raises(ValidationError, match="integer"):
+    with pytest.raises(ValidationError) as completion:
         CompletionJob(model=MODEL, prompt="x", sampling={"logprobs": True})
-    with pytest.raises(ValidationError, match="True/False"):
+    with pytest.raises(ValidationError) as chat:
         ChatJob(model=MODEL, messages=[{"role": "user", "content": "x"}], sampling={"logprobs": 3})
+    [completion_error], [chat_error] = completion.value.errors(), chat.value.errors()
+    assert completion_error["type"] == chat_error["type"] == "value_error"
+    assert "sampling.logprobs: completion jobs take an integer" in completion_error["msg"]
+    assert "sampling.logprobs: chat jobs take True/False plus top_logprobs" in chat_error["msg"]
 
 
-def test_models_lists_live_workers_and_unserved_jobs_wait_or_fail(worker, client) -> None:
+def test_models_lists_live_workers_and_unserved_jobs_wait_or_fail(worker, client, redis_server) -> None:
     [model] = [m for m in client.models() if m.id == MODEL]
     assert model.max_model_len == 1024 and model.modalities == ["image", "text"]
     assert len(model.workers) == 1 and model.source.endswith(MODEL)
-    with pytest.raises(ModelNotServed, match="nobody-here"):
-        client.submit(CompletionJob(model="nobody-here", prompt="x"), if_unserved="fail")
-    assert client.queue_length("nobody-here") == 0
-    client.submit(CompletionJob(model="nobody-here", prompt="x"))  # the default waits
-    assert client.queue_length("nobody-here") == 1
+    nobody = f"nobody-here-{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(ModelNotServed) as info:
+            client.submit(CompletionJob(model=nobody, prompt="x"), if_unserved="fail")
+        assert info.value.model == nobody and MODEL in info.value.served
+        assert client.queue_length(nobody) == 0
+        client.submit(CompletionJob(model=nobody, prompt="x"))  # the default waits
+        assert client.queue_length(nobody) == 1
+    finally:
+        redis.Redis.from_url(redis_server.url).delete(keys.queue_for(nobody))
 
 
 def test_cli_models_and_chat_with_an_image(worker, redis_server, tmp_path: Path) -> None:

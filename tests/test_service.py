@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import uuid
 
+import celery
 import pytest
 import redis
 
@@ -14,10 +16,15 @@ from tests.conftest import MODEL
 GREEDY = Sampling(max_tokens=16, temperature=0)
 
 
-def send_raw(client: Client, payload: dict, job_id: str, serializer: str = "json") -> None:
-    """Send a payload the way a careless producer would: no client-side validation."""
-    client._celery.send_task(keys.GENERATE_TASK, args=[payload], task_id=job_id, queue=keys.queue_for(MODEL),
-                             serializer=serializer)
+def send_raw(client: Client, payload: object, job_id: str, serializer: str = "json") -> None:
+    """Send a payload the way a careless producer would: a plain Celery app on the same Redis,
+    no vqueue code and no client-side validation."""
+    app = celery.Celery(broker=client.settings.redis.url, set_as_current=False)
+    try:
+        app.send_task(keys.GENERATE_TASK, args=[payload], task_id=job_id, queue=keys.queue_for(MODEL),
+                      serializer=serializer)
+    finally:
+        app.close()
 
 
 def assert_good_job_runs(client: Client) -> None:
@@ -28,15 +35,16 @@ def assert_good_job_runs(client: Client) -> None:
 
 def test_completion_round_trip_usage_matches_tokenizer_and_greedy_repeats(worker, client, tokenizer) -> None:
     prompt = "你好，你是谁"
+    # ignore_eos: the job always runs to max_tokens, so the usage it reports is known exactly.
+    sampling = Sampling(max_tokens=16, temperature=0, ignore_eos=True)
     first, second = (
-        client.result(client.submit(CompletionJob(model=MODEL, prompt=prompt, sampling=GREEDY)), timeout=120)
+        client.result(client.submit(CompletionJob(model=MODEL, prompt=prompt, sampling=sampling)), timeout=120)
         for _ in range(2)
     )
     n_prompt = len(tokenizer(prompt)["input_ids"])
     assert first.usage.prompt_tokens == n_prompt
-    if first.finish_reason == "length":
-        assert first.usage.completion_tokens == 16
-    assert first.usage.total_tokens == n_prompt + first.usage.completion_tokens
+    assert first.finish_reason == "length" and first.usage.completion_tokens == 16
+    assert first.usage.total_tokens == n_prompt + 16
     assert first.text == second.text and first.text
     assert first.kind == "completion" and first.model == MODEL and first.attempt == 1
     t = first.timings
@@ -88,19 +96,33 @@ def test_64_jobs_through_the_queue_run_together(worker, client) -> None:
     [
         ({"kind": "completion", "model": MODEL, "prompt": ""}, "prompt"),
         ({"kind": "completion", "model": MODEL, "prompt": "x", "colour": "red"}, "colour"),
-        ({"kind": "completion", "model": MODEL, "prompt": "x", "sampling": {"max_tokens": 0}}, "max_tokens"),
-        ({"kind": "completion", "model": MODEL, "prompt": "x", "sampling": {"temperature": -1}}, "temperature"),
+        ({"kind": "completion", "model": MODEL, "prompt": "x", "sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
+        ({"kind": "completion", "model": MODEL, "prompt": "x", "sampling": {"temperature": -1}},
+         "sampling.temperature"),
         ({"kind": "chat", "model": MODEL, "messages": []}, "messages"),
         ({"kind": "poem", "model": MODEL}, "kind"),
-        ("not even an object", "job"),
     ],
-)
-def test_invalid_payload_fails_alone_naming_the_field(worker, client, payload, field: str) -> None:
-    send_raw(client, payload, job_id := f"raw-{field}-{id(payload)}")
+)  # fmt: skip
+def test_invalid_payload_fails_alone_naming_the_field(worker, client, payload: dict, field: str) -> None:
+    # A job id that cannot contain the field's name, so only the error itself can name it.
+    send_raw(client, payload, job_id := uuid.uuid4().hex)
     with pytest.raises(JobFailed) as info:
         client.result(job_id, timeout=60)
-    assert info.value.error_type == "InvalidJob"
-    assert field in str(info.value)
+    failed = info.value
+    assert failed.error_type == "InvalidJob" and failed.retryable is False
+    # The path inside the job, with or without pydantic's union tag in front ("completion.").
+    assert failed.field in (field, f"{payload['kind']}.{field}")
+    assert field in str(failed)  # the job id is hex: only the error can name the field
+    assert_good_job_runs(client)
+
+
+def test_payload_that_is_no_object_fails_alone(worker, client) -> None:
+    send_raw(client, "not even an object", job_id := uuid.uuid4().hex)
+    with pytest.raises(JobFailed) as info:
+        client.result(job_id, timeout=60)
+    failed = info.value
+    assert failed.error_type == "InvalidJob" and failed.retryable is False
+    assert "dictionary or object" in failed.error
     assert_good_job_runs(client)
 
 
@@ -108,8 +130,9 @@ def test_prompt_longer_than_max_model_len_names_the_limit(worker, client) -> Non
     job = CompletionJob(model=MODEL, prompt="word " * 1100, sampling=GREEDY)
     with pytest.raises(JobFailed) as info:
         client.result(client.submit(job), timeout=60)
-    assert info.value.error_type == "InvalidJob"
-    assert "1024" in str(info.value)
+    failed = info.value
+    assert failed.error_type == "InvalidJob" and failed.field == "prompt"
+    assert "1024" in failed.error and "engine.max_model_len" in failed.error
     assert_good_job_runs(client)
 
 
@@ -119,8 +142,8 @@ def test_prompt_plus_max_tokens_over_the_context_names_both_numbers(worker, clie
     job = CompletionJob(model=MODEL, prompt=prompt, sampling=Sampling(max_tokens=200))
     with pytest.raises(JobFailed) as info:
         client.result(client.submit(job), timeout=60)
-    message = str(info.value)
-    assert info.value.error_type == "InvalidJob" and "sampling.max_tokens" in message
+    message = info.value.error
+    assert info.value.error_type == "InvalidJob" and info.value.field == "sampling.max_tokens"
     assert f"({n_prompt} tokens)" in message and "max_tokens (200)" in message and "(1024)" in message
     assert_good_job_runs(client)
 
@@ -138,16 +161,21 @@ def test_job_for_another_model_on_this_queue_fails_naming_the_model(worker, clie
     send_raw(client, payload, payload["id"])
     with pytest.raises(JobFailed) as info:
         client.result(payload["id"], timeout=60)
-    assert "model" in str(info.value) and "someone-else" in str(info.value) and MODEL in str(info.value)
+    assert info.value.error_type == "InvalidJob" and info.value.field == "model"
+    assert "someone-else" in info.value.error and MODEL in info.value.error
 
 
-def test_job_for_a_model_nobody_serves_times_out_saying_so(worker, client) -> None:
-    job_id = client.submit(CompletionJob(model="nobody-serves-this", prompt="hello?"))
-    with pytest.raises(JobTimeout) as info:
-        client.result(job_id, timeout=2)
-    message = str(info.value)
-    assert "no worker has started it" in message and "vqueue.nobody-serves-this (1 waiting)" in message
-    assert client.queue_length("nobody-serves-this") == 1
+def test_job_for_a_model_nobody_serves_times_out_saying_so(worker, client, redis_server) -> None:
+    nobody = f"nobody-serves-{uuid.uuid4().hex[:8]}"
+    job_id = client.submit(CompletionJob(model=nobody, prompt="hello?"))
+    try:
+        with pytest.raises(JobTimeout) as info:
+            client.result(job_id, timeout=2)
+        message = str(info.value)
+        assert "no worker has started it" in message and f"vqueue.{nobody} (1 waiting)" in message
+        assert client.queue_length(nobody) == 1
+    finally:
+        redis.Redis.from_url(redis_server.url).delete(keys.queue_for(nobody))
 
 
 def test_pickled_message_is_refused_and_the_worker_keeps_serving(worker: WorkerProcess, client) -> None:
@@ -155,8 +183,9 @@ def test_pickled_message_is_refused_and_the_worker_keeps_serving(worker: WorkerP
     send_raw(client, payload, payload["id"], serializer="pickle")
     with pytest.raises(JobFailed) as info:
         client.result(payload["id"], timeout=30)
-    assert info.value.error_type == "InvalidJob" and "JSON only" in str(info.value)
-    assert "Refusing to deserialize untrusted content of type pickle" in worker.log_text()
+    assert info.value.error_type == "InvalidJob" and "JSON only" in info.value.error
+    # Operators see the refusal in the worker's log, with the job it was.
+    assert any(payload["id"] in line and "JSON only" in line for line in worker.log_text().splitlines())
     assert_good_job_runs(client)
 
 
