@@ -7,6 +7,8 @@ URIs of workload B are decoded in the timed window (as any program must): the en
 own cost plus the unavoidable decoding, with nothing of a service around it.
 
     python -m bench.bare --preset cpu --workloads ABC --out FILE   (settings from VQUEUE_* env)
+    python -m bench.bare --preset cpu --listen SOCKET   (bench.run: the engine stays up and runs
+        each workload it is asked for, so that modes can take turns; see bench.run)
 """
 
 from __future__ import annotations
@@ -76,13 +78,41 @@ async def main_async(args: argparse.Namespace) -> dict:
     return out
 
 
+async def listen(address: str) -> None:
+    """Build the engine, then answer bench.run's requests on a Unix socket until it says stop:
+    ``("run", workload, seed, n)`` -> the run's summary; the socket appears once the engine is up."""
+    from multiprocessing.connection import Listener
+
+    from vllm import AsyncLLMEngine
+
+    settings = get_settings()
+    engine = AsyncLLMEngine.from_engine_args(engine_args(settings, str(resolve_model(settings.model))))
+    loop = asyncio.get_running_loop()
+    try:
+        with Listener(address, family="AF_UNIX") as listener:
+            conn = await loop.run_in_executor(None, listener.accept)
+            while True:
+                request = await loop.run_in_executor(None, conn.recv)
+                if request[0] == "stop":
+                    break
+                _, w, seed, n = request
+                conn.send(await run_workload(engine, w, settings.model.served_name, settings.engine.max_model_len,
+                                             seed=seed, n=n))  # fmt: skip
+    finally:
+        engine.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", choices=list(PRESETS), required=True)
     parser.add_argument("--workloads", default="ABC")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--listen", help="a Unix socket path: serve bench.run's requests (see listen())")
     args = parser.parse_args()
+    if args.listen:
+        asyncio.run(listen(args.listen))
+        return
     result = asyncio.run(main_async(args))
     with open(args.out, "w") as f:
         json.dump(result, f)

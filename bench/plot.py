@@ -1,7 +1,10 @@
-"""Plot the latest results: throughput of each mode relative to the bare engine, per workload.
+"""Plot the latest results: ratios of medians, each from one call of bench.run.
 
-    python -m bench.plot [bench/results/gpu-h100.json bench/results/cpu.json ...]
+    python -m bench.plot [bench/results/gpu-h200-ab.json bench/results/cpu-interleaved.json ...]
     -> bench/results/latest.png, and a Markdown table on stdout (for the README)
+
+Only result files written by the interleaved bench.run (records with a "summary") are read;
+every ratio in a row compares modes measured in the same call (median over its rounds).
 """
 
 from __future__ import annotations
@@ -11,23 +14,17 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ["bare", "queue", "queue-noevents", "queue-x2", "serve"]
 
 
 def load(paths: list[Path]) -> list[tuple[str, dict]]:
-    return [(p.stem, record) for p in paths for record in json.loads(p.read_text()) if "modes" in record]
+    return [(p.stem, r) for p in paths for r in json.loads(p.read_text()) if "summary" in r and r.get("ratios")]
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| run | workload | mode | wall s | jobs/s | output tok/s | p50 latency s | queue/bare | queue/serve |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| run (one call) | workload | rounds | ratio of medians | value |", "| --- | --- | --- | --- | --- |"]
     for run, r in rows:
-        for mode in (m for m in MODES if m in r["modes"]):
-            f = r["modes"][mode]
-            ratio_b = r["ratios"].get(f"{mode}/bare", "")
-            ratio_s = r["ratios"].get(f"{mode}/serve", "")
-            lines.append(f"| {run} | {r['workload']} | {mode} | {f['wall_s']:.2f} | {f['jobs_per_s']:.1f} | "
-                         f"{f['output_tokens_per_s']:.0f} | {f['latency_p50_s']:.3f} | {ratio_b} | {ratio_s} |")
+        for name, value in r["ratios"].items():
+            lines.append(f"| {run} | {r['workload']} | {r['rounds_done']} | {name} | {value} |")
     return "\n".join(lines)
 
 
@@ -37,26 +34,23 @@ def plot(rows: list[tuple[str, dict]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    labels = [f"{run}\n{r['workload']}" for run, r in rows]
-    width = 0.8 / len(MODES)
-    for i, mode in enumerate(MODES):
-        values = [r["modes"][mode]["jobs_per_s"] / r["modes"]["bare"]["jobs_per_s"] if mode in r["modes"] else 0
-                  for _, r in rows]  # fmt: skip
-        ax.bar([x + i * width for x in range(len(rows))], values, width, label=mode)
+    bars = [(f"{run} {r['workload']}\n{name}", value) for run, r in rows for name, value in r["ratios"].items()
+            if "/" in name]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(bars)), 4))
+    ax.bar(range(len(bars)), [v for _, v in bars])
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + width * (len(MODES) - 1) / 2 for x in range(len(rows))], labels, fontsize=8)
-    ax.set_ylabel("jobs/s relative to the bare engine")
-    ax.set_title("vqueue: throughput by mode (same run, same machine)")
-    ax.legend(fontsize=8)
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7, rotation=60, ha="right")
+    ax.set_ylabel("throughput ratio of medians")
+    ax.set_title("vqueue: throughput ratios, medians of interleaved rounds in one call")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
 def main() -> None:
-    default = [RESULTS / n for n in ("gpu-h100.json", "gpu-h100-rerun.json", "cpu.json")]
-    paths = [Path(p) for p in sys.argv[1:]] or default
+    paths = [Path(p) for p in sys.argv[1:]] or sorted(RESULTS.glob("*.json"))
     rows = load([p for p in paths if p.exists()])
+    if not rows:
+        raise SystemExit("no interleaved results (records with a 'summary') among " + ", ".join(map(str, paths)))
     plot(rows, RESULTS / "latest.png")
     print(table(rows))
 
