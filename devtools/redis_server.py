@@ -19,9 +19,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """Starts ``redis-server`` (no persistence) and stops it on ``close()`` / context exit."""
+    """Starts ``redis-server`` and stops it on ``close()`` / context exit.
 
-    def __init__(self, directory: Path | None = None) -> None:
+    No persistence by default; ``appendonly=True`` writes an AOF (``everysec``, as compose
+    runs it) so that ``kill()`` then ``start()`` restarts it from its files on the same port.
+    """
+
+    def __init__(self, directory: Path | None = None, appendonly: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `apt-get install -y redis-server` "
@@ -30,12 +34,15 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log = open(self.dir / "redis.log", "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--maxmemory-policy", "noeviction"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self._cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                     "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+                     "--daemonize", "no", "--maxmemory-policy", "noeviction"]  # fmt: skip
+        self.log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - closed in close()
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after ``kill()``: from its AOF when it has one); wait for PING."""
+        self.proc = subprocess.Popen(self._cmd, stdout=self.log, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 20
         while True:
@@ -50,6 +57,11 @@ class RedisServer:
                     raise RuntimeError("redis-server did not answer PING within 20 s") from None
                 time.sleep(0.05)
         client.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would."""
+        self.proc.kill()
+        self.proc.wait()
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -18,6 +18,19 @@ class _Strict(BaseModel):
     # Unknown fields are refused: a misspelt "max_token" must not silently do nothing.
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8_only(cls, value: Any) -> Any:
+        # A lone UTF-16 surrogate ("\ud800") is a valid Python str but not UTF-8: it would
+        # fail later, where Redis or the tokenizer encodes it, far from the producer.
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(f"holds a lone surrogate at character {exc.start}: not valid UTF-8 text") from None
+        return value
+
 
 class JsonSchema(_Strict):
     name: str = Field("response", min_length=1, max_length=64)

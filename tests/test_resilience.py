@@ -77,6 +77,10 @@ def test_engine_death_requeues_in_flight_jobs_and_exits_nonzero(env, client: Cli
         assert "STARTED" in wait_started(client, more)
         assert second.terminate(timeout_s=300, group=True) == 0
         assert [client.state(i) for i in more] == ["SUCCESS"] * 8
+        # and none of them was handed back to the queue on the way out (it would run twice)
+        r = redis.Redis.from_url(client.settings.redis.url)
+        assert r.mget([keys.attempt_key(i) for i in more]) == [b"1"] * 8
+        assert client.queue_length(MODEL) == 0 and r.zcard(keys.UNACKED_INDEX_KEY) == 0
     finally:
         second.kill()
 

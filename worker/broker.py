@@ -1,4 +1,4 @@
-"""kombu's Redis transport with one change: a message it cannot read is set aside, never fatal.
+"""kombu's Redis transport, changed where it could lose or kill: unreadable messages, restores.
 
 kombu decodes each message it pops (BRPOP) inside ``Channel._brpop_read``, before Celery
 sees it. There, one message that is not JSON (binary garbage, a truncated write) raises
@@ -11,7 +11,8 @@ envelope, or whose body does not decode, were dropped by Celery without a result
 ``read_envelope``, which checks everything the worker later relies on. A message that fails
 goes to ``on_malformed`` (set by ``worker.celery_app``: dead-letter record with the raw bytes,
 a typed failure for its job when an id can be read, a counter and a log line) and the
-consumer carries on with the next one.
+consumer carries on with the next one. ``QoS`` below: a dropped connection no longer puts
+the jobs this worker still runs back on the queue.
 """
 
 from __future__ import annotations
@@ -94,7 +95,37 @@ def job_id_of(raw: bytes | str) -> str | None:
     return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's bookkeeping of held messages, made safe for leases.
+
+    kombu puts every message a channel holds back on its queue when the channel closes, which
+    also happens when the connection to Redis drops (a Redis restart) while this worker is
+    still running those jobs: they would then run twice. Here nothing is restored on close;
+    a job this worker still runs keeps its lease, and a dead worker's jobs come back when
+    their leases expire (``worker.leases``). An ack or reject on a channel whose connection
+    is gone is logged, not raised: the job's lease brings it back, and the stored result
+    is returned instead of running it again.
+    """
+
+    restore_at_shutdown = False
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            super().ack(delivery_tag)
+        except Exception as exc:  # the channel's connection is gone (AttributeError) or Redis is away
+            log.warning("could not ack %s (%s: %s); its lease brings it back and its stored result is returned",
+                        delivery_tag, type(exc).__name__, exc)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except Exception as exc:
+            log.warning("could not reject %s (%s: %s); its lease brings it back", delivery_tag, type(exc).__name__, exc)
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
@@ -108,6 +139,16 @@ class Channel(kombu_redis.Channel):
             dest, item = dest__item
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
+            if not dest.startswith(keys.QUEUE_PREFIX):
+                # Celery's own lists (remote-control replies to `celery inspect`, Flower): kombu's
+                # decode, minus the crash.
+                try:
+                    envelope = json.loads(item)
+                except ValueError:
+                    log.error("dropped an unreadable message on %s (%d bytes)", dest, len(item))
+                    return True
+                self.connection._deliver(envelope, dest)
+                return True
             try:
                 envelope = read_envelope(item)
             except WireError as error:

@@ -212,6 +212,7 @@ async def serve(channel: AsyncChannel) -> None:
         channel.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     channel.send(("ready", info))
+    after_engine_ready()
     in_flight: set[asyncio.Task] = set()
     stats = asyncio.create_task(runner.log_stats_forever())
     try:

@@ -32,6 +32,15 @@ def _vllm_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
     return (EngineDeadError,), (VLLMValidationError, ValueError)
 
 
+def job_field(parameter: str | None, default: str) -> str:
+    """The job's field for a vLLM parameter name (vLLM says ``input_tokens`` for the prompt)."""
+    from producer.protocol import Sampling
+
+    if parameter in Sampling.model_fields:
+        return f"sampling.{parameter}"
+    return default
+
+
 def classify(exc: BaseException, field: str = "job") -> WireError | EngineDead:
     """``exc`` as vqueue's typed error; ``field`` is the job field a bad-input error is about."""
     dead, invalid = _vllm_errors()
@@ -40,6 +49,6 @@ def classify(exc: BaseException, field: str = "job") -> WireError | EngineDead:
     if isinstance(exc, dead):
         return EngineDead(f"vLLM engine died: {exc}")
     if isinstance(exc, invalid):
-        return InvalidJob(getattr(exc, "parameter", None) or field, str(exc))
+        return InvalidJob(job_field(getattr(exc, "parameter", None), field), str(exc))
     log.warning("job failed in the engine", exc_info=exc)
     return EngineError(None, f"{type(exc).__name__}: {exc}")

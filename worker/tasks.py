@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 def invalid_job_from(exc: ValidationError) -> InvalidJob:
     """The first validation error as an ``InvalidJob`` naming its field."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "job"
+    # A missing or unknown "kind" fails the union's tag check, which pydantic reports at the root.
+    tag = err["type"] in ("union_tag_invalid", "union_tag_not_found")
+    loc = err["loc"][1:] if err["loc"][:1] in (("completion",), ("chat",)) else err["loc"]  # the union's tag
+    field = "kind" if tag else ".".join(str(p) for p in loc) or "job"
     more = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
     return InvalidJob(field, f"{err['msg']}{more}")
 
