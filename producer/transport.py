@@ -32,6 +32,11 @@ def make_celery(settings: Settings, name: str = "vqueue", results: bool = True) 
         result_accept_content=["json"],
         broker_transport_options=lease_options(settings),
         result_expires=settings.redis.result_ttl_s,
+        # One result backend (one Redis connection pool) for all pool threads: Celery otherwise
+        # builds a backend and a Redis client per thread, on each thread's first job, inside the
+        # first burst (a third of the worker's CPU in that burst on the H200). redis-py's pool
+        # is thread-safe.
+        result_backend_thread_safe=True,
         # A result written while Redis restarts waits for it instead of being lost.
         result_backend_always_retry=True,
         result_backend_max_retries=120,

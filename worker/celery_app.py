@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -83,6 +84,27 @@ def _start_engine(**_: Any) -> None:
         raise SystemExit(f"vqueue worker: the engine did not start ({type(exc).__name__}: {exc})") from exc
 
 
+def prestart_pool_threads(executor: Any, n: int) -> None:
+    """Start all ``n`` pool threads now, before the first job.
+
+    The threads pool's ThreadPoolExecutor starts a thread per job while none is idle, so the
+    first burst of jobs paid for up to ``worker.max_in_flight`` thread starts inside it.
+    ``n`` tasks that wait for each other make it start them all at once, here.
+    """
+    if executor is None:
+        return
+    started = time.monotonic()
+    barrier = threading.Barrier(n + 1)
+    for _ in range(n):
+        executor.submit(barrier.wait, 60)
+    try:
+        barrier.wait(60)
+    except threading.BrokenBarrierError:
+        log.warning("only some of the %d pool threads started before the first job", n)
+        return
+    log.info("%d pool threads started in %.2f s", n, time.monotonic() - started)
+
+
 @signals.worker_ready.connect
 def _announce(sender: Any = None, **_: Any) -> None:
     global _heartbeat
@@ -93,6 +115,7 @@ def _announce(sender: Any = None, **_: Any) -> None:
         modalities=["text", *(m for m in ("image", "video") if holder.multimodal and limits.get(m, 0) > 0)],
         started_at=time.time(),
     )  # fmt: skip
+    prestart_pool_threads(getattr(sender.pool, "executor", None), settings.worker.max_in_flight)
     _heartbeat = Heartbeat(app.backend.client, info, settings.worker.heartbeat_s)
     _heartbeat.start()
     _leases.start()
