@@ -3,6 +3,9 @@
     vqueue complete "你好，你是谁" --max-tokens 500 --temperature 0
     vqueue chat --system "You are terse." "What is a queue?"
     vqueue result JOB_ID
+    vqueue cancel JOB_ID...          vqueue show JOB_ID
+    vqueue queue [--json]            vqueue queue purge MODEL
+    vqueue dead                      vqueue dead retry JOB_ID / vqueue dead purge
 """
 
 from __future__ import annotations
@@ -22,8 +25,16 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.client import Client
-from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout, ModelNotServed
-from producer.protocol import ChatJob, ChatMessage, CompletionJob, JobResult, Sampling
+from producer.errors import (
+    BrokerUnavailable,
+    InvalidJob,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    ModelNotServed,
+    QueueFull,
+)
+from producer.protocol import ChatJob, ChatMessage, CompletionJob, JobRecord, JobResult, Sampling
 from producer.settings import get_settings
 
 app = typer.Typer(help="Enqueue LLM jobs into vqueue and read their results.", no_args_is_help=True,
@@ -54,6 +65,11 @@ IfUnservedOpt = Annotated[
         "default), 'fail' refuses it at once."
     ),
 ]
+Priority = Annotated[int | None, typer.Option(min=0, max=9, help="0-9, higher runs first "
+                                              "(settings: queue.default_priority, 5).")]
+JobTimeoutS = Annotated[float | None, typer.Option("--job-timeout", help="Seconds from now until the job expires: "
+                                                   "queued, it never runs; running, it stops with its partial output "
+                                                   "(settings: queue.default_timeout_s).")]
 Image = Annotated[list[Path] | None, typer.Option("--image", help="An image file to send with the message "
                                                  "(repeatable; sent as a data: URI).")]
 
@@ -87,6 +103,9 @@ def _submit_and_show(
         except (InvalidJob, ModelNotServed) as exc:
             err.print(f"[red]refused:[/red] {exc}")
             raise typer.Exit(2) from None
+        except QueueFull as exc:
+            err.print(f"[yellow]queue full:[/yellow] {exc}")
+            raise typer.Exit(5) from None
         if not wait:
             out.print(job_id)
             return
@@ -97,6 +116,9 @@ def _wait(client: Client, job_id: str, timeout: float, as_json: bool) -> None:
     try:
         _print(client.result(job_id, timeout=timeout), as_json)
     except JobFailed as exc:
+        partial = getattr(exc, "partial", None)
+        if partial is not None:
+            _print(partial, as_json)
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     except JobTimeout as exc:
@@ -117,10 +139,12 @@ def complete(
     timeout: Timeout = _settings.producer.default_timeout_s,
     as_json: AsJson = False,
     if_unserved: IfUnservedOpt = IfUnserved.wait,
+    priority: Priority = None,
+    job_timeout: JobTimeoutS = None,
 ) -> None:
     """Enqueue a completion job (as /v1/completions) and print its text."""
     _submit_and_show(
-        lambda: CompletionJob(model=model, prompt=prompt,
+        lambda: CompletionJob(model=model, prompt=prompt, priority=priority, timeout_s=job_timeout,
                               sampling=_sampling(max_tokens, temperature, top_p, seed, stop)),
         wait, timeout, as_json, if_unserved,
     )
@@ -141,6 +165,8 @@ def chat(
     timeout: Timeout = _settings.producer.default_timeout_s,
     as_json: AsJson = False,
     if_unserved: IfUnservedOpt = IfUnserved.wait,
+    priority: Priority = None,
+    job_timeout: JobTimeoutS = None,
 ) -> None:
     """Enqueue a chat job (as /v1/chat/completions) and print the assistant's reply."""
 
@@ -151,7 +177,8 @@ def chat(
             messages.append(ChatMessage(role="user", content=[*parts, {"type": "text", "text": message}]))
         else:
             messages.append(ChatMessage(role="user", content=message))
-        return ChatJob(model=model, messages=messages, sampling=_sampling(max_tokens, temperature, top_p, seed, stop))
+        return ChatJob(model=model, messages=messages, priority=priority, timeout_s=job_timeout,
+                       sampling=_sampling(max_tokens, temperature, top_p, seed, stop))
 
     _submit_and_show(make, wait, timeout, as_json, if_unserved)
 
@@ -198,12 +225,19 @@ def settings() -> None:
     out.print_json(json.dumps(_settings.model_dump(mode="json")))
 
 
-@app.command()
+dead_app = typer.Typer(help="Messages no worker could read, and quarantined jobs (the dead-letter list).")
+app.add_typer(dead_app, name="dead")
+
+
+@dead_app.callback(invoke_without_command=True)
 def dead(
+    ctx: typer.Context,
     limit: Annotated[int, typer.Option(help="Show at most this many, newest first.")] = 20,
     as_json: AsJson = False,
 ) -> None:
-    """List messages no worker could run (the dead-letter list), newest first."""
+    """List messages no worker could run and quarantined jobs, newest first."""
+    if ctx.invoked_subcommand is not None:
+        return
     with Client() as client:
         entries = client.dead_letters(limit)
     if as_json:
@@ -212,11 +246,134 @@ def dead(
     if not entries:
         err.print("no dead letters")
         return
-    table = Table("when", "queue", "job", "error", "field", "reason", "bytes")
+    table = Table("when", "kind", "queue", "job", "error", "field", "reason", "bytes")
     for e in entries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
-        table.add_row(when, e.queue, e.job_id or "-", e.error_type, e.field or "-", e.reason[:120], str(e.raw_size))
+        table.add_row(when, e.kind, e.queue, e.job_id or "-", e.error_type, e.field or "-", e.reason[:160],
+                      str(e.raw_size))
     out.print(table)
+
+
+@dead_app.command("retry")
+def dead_retry(job_id: Annotated[str, typer.Argument(help="A quarantined job's id (`vqueue dead`).")]) -> None:
+    """Submit a quarantined job again, as a new job; prints the new id."""
+    with Client() as client:
+        try:
+            out.print(client.retry_dead(job_id))
+        except (KeyError, ValueError) as exc:
+            err.print(f"[red]{exc.args[0]}[/red]")
+            raise typer.Exit(2) from None
+
+
+@dead_app.command("purge")
+def dead_purge(yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
+    """Empty the dead-letter list."""
+    if not yes:
+        typer.confirm("Remove every dead letter?", abort=True)
+    with Client() as client:
+        err.print(f"removed {client.purge_dead()} dead letters")
+
+
+@app.command()
+def cancel(job_ids: Annotated[list[str], typer.Argument(help="The ids of the jobs to cancel.")]) -> None:
+    """Cancel jobs, queued or running; says what happened to each."""
+    with Client() as client:
+        said = client.cancel_many(job_ids)
+    for job_id, what in said.items():
+        out.print(f"{job_id}: {what}", markup=False, highlight=False)
+    if any(what == "unknown job" for what in said.values()):
+        raise typer.Exit(2)
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(epoch)) + f".{int(epoch % 1 * 1000):03d}"
+
+
+def _show_record(r: JobRecord) -> None:
+    out.print(f"job {r.id}: [bold]{r.state}[/bold]  model {r.model or '?'}  priority {r.priority}  "
+              f"kind {r.kind or '?'}" + (f"  deadline {_when(r.deadline)}" if r.deadline else ""))
+    if r.error:
+        out.print(f"  {r.error}", markup=False, highlight=False)
+    for a in r.attempts:
+        out.print(f"  attempt {a.number}: {a.worker} at {_when(a.picked_up_at)}", markup=False, highlight=False)
+    if r.engine_deaths:
+        out.print(f"  engine deaths: {r.engine_deaths} (last: {r.last_death})", markup=False, highlight=False)
+    steps = [("entered Redis", r.enqueued_at), ("picked up", r.picked_up_at), ("handed to the engine", r.handed_at),
+             ("first scheduled", r.scheduled_at), ("first token", r.first_token_at), ("finished", r.finished_at)]
+    table = Table("step", "when", "+ s")
+    for name, at in steps:
+        since = f"{at - r.enqueued_at:.3f}" if at is not None and r.enqueued_at is not None else "-"
+        table.add_row(name, _when(at), since)
+    out.print(table)
+    derived = {k: v for k, v in r.derived().items() if v is not None}
+    if derived:
+        out.print("  " + "  ".join(f"{k} {v:.3f}" for k, v in derived.items()))
+    if r.usage is not None:
+        out.print(f"  tokens: prompt {r.usage.prompt_tokens} + completion {r.usage.completion_tokens} = "
+                  f"{r.usage.total_tokens}; finish_reason {r.finish_reason.value if r.finish_reason else '-'}")
+
+
+@app.command()
+def show(job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: AsJson = False) -> None:
+    """Everything known about one job: state, attempts and workers, timeline, tokens."""
+    with Client() as client:
+        try:
+            record = client.job(job_id)
+        except JobNotFound as exc:
+            err.print(str(exc), markup=False)
+            raise typer.Exit(2) from None
+    if as_json:
+        out.print_json(json.dumps({**record.model_dump(mode="json"), "derived": record.derived()}))
+        return
+    _show_record(record)
+
+
+queue_app = typer.Typer(help="The models' queues: what waits, what runs, how fast; purge.")
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.callback(invoke_without_command=True)
+def queue(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Option(help="Only this model's queue.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Per model: jobs waiting by priority, the oldest one's wait, jobs in flight per worker,
+    live workers, completions per second."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with Client() as client:
+        stats = client.queue_stats(model)
+    if as_json:
+        out.print_json(json.dumps([s.model_dump(mode="json") for s in stats]))
+        return
+    if not stats:
+        err.print("no queue holds jobs and no worker is live")
+        return
+    for s in stats:
+        by_priority = ", ".join(f"p{p}: {n}" for p, n in s.waiting_by_priority.items()) or "none"
+        oldest = f"{s.oldest_waiting_s:.1f} s" if s.oldest_waiting_s is not None else "-"
+        bound = f" of {s.max_backlog}" if s.max_backlog else ""
+        out.print(f"[bold]{s.model}[/bold]: {s.waiting}{bound} waiting ({by_priority}), oldest {oldest}; "
+                  f"{s.in_flight} in flight on {len(s.workers)} live workers; {s.completions_per_s:.2f} jobs/s")
+        for w in s.workers:
+            out.print(f"  {w.hostname}: {w.in_flight}/{w.max_in_flight} in flight, {w.completions_per_s:.2f} jobs/s",
+                      markup=False, highlight=False)
+
+
+@queue_app.command("purge")
+def queue_purge(
+    model: Annotated[str, typer.Argument(help="The served model name whose queue to empty.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+) -> None:
+    """Empty a model's queue: every waiting job ends cancelled, and its producer hears so."""
+    with Client() as client:
+        if not yes:
+            typer.confirm(f"Cancel all {client.queue_length(model)} jobs waiting for {model!r}?", abort=True)
+        purged = client.purge(model)
+    err.print(f"purged {len(purged)} jobs from {model!r}")
 
 
 def main() -> None:

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis
 from kombu.exceptions import OperationalError
 
-from producer import keys
-from producer.errors import BrokerUnavailable, JobFailed, JobTimeout, ModelNotServed
+from producer import keys, records
+from producer.errors import BrokerUnavailable, JobFailed, JobNotFound, JobTimeout, ModelNotServed, QueueFull
 from producer.images import move_images_to_blobs
-from producer.outcomes import decode_meta
-from producer.protocol import ChatJob, CompletionJob, DeadLetter, JobResult, ModelInfo, WorkerInfo
+from producer.outcomes import decode_meta, revoked_error, state_of
+from producer.protocol import (
+    ChatJob,
+    CompletionJob,
+    DeadLetter,
+    JobRecord,
+    JobResult,
+    ModelInfo,
+    QueueStats,
+    WorkerInfo,
+    WorkerLoad,
+    parse_job,
+)
 from producer.settings import Settings, get_settings
 from producer.transport import JobPublisher, Outgoing, make_celery
 
@@ -39,6 +53,8 @@ class Client:
         self._celery = make_celery(self.settings, name="vqueue-producer", results=False)
         self._redis = redis.Redis.from_url(self.settings.redis.url)
         self._publisher = JobPublisher(self._celery, self._redis)
+        self._cancel = self._redis.register_script(records.CANCEL)
+        self._purge = self._redis.register_script(records.PURGE)
 
     def close(self) -> None:
         self._redis.close()
@@ -63,7 +79,8 @@ class Client:
     def submit_many(self, jobs: Iterable[AnyJob], if_unserved: IfUnserved = "wait") -> list[str]:
         """Enqueue many jobs in pipelined round trips; returns their ids in order.
 
-        Every job is checked before any is sent: one bad job raises and enqueues nothing.
+        Every job is checked before any is sent: one bad job raises and enqueues nothing, and
+        so does a model whose backlog would pass ``queue.max_backlog`` (``QueueFull``).
         """
         jobs = list(jobs)
         messages = [self._message(job) for job in jobs]
@@ -73,8 +90,34 @@ class Client:
                 if model not in served:
                     raise ModelNotServed(model, sorted(served))
         with self._reaching_redis():
+            self._check_backlog(jobs)
             self._publisher.publish(messages, blob_ttl_s=self.settings.redis.result_ttl_s)
         return [job.id for job in jobs]
+
+    def _check_backlog(self, jobs: list[AnyJob]) -> None:
+        """``QueueFull`` if adding ``jobs`` would pass a model's ``queue.max_backlog``; one round
+        trip, and none at all when no model has a limit."""
+        adding: dict[str, int] = {}
+        for job in jobs:
+            if self.settings.queue.max_backlog_for(job.model):
+                adding[job.model] = adding.get(job.model, 0) + 1
+        if not adding:
+            return
+        depths = self._depths(list(adding))
+        for model, n in adding.items():
+            limit = self.settings.queue.max_backlog_for(model)
+            depth = sum(depths[model].values())
+            if depth + n > limit:
+                raise QueueFull(model, depth, limit, n)
+
+    def _depths(self, models: list[str]) -> dict[str, dict[int, int]]:
+        """Jobs waiting per model and priority, in one round trip."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                for name in keys.queue_lists(model).values():
+                    pipe.llen(name)
+            lengths = iter(pipe.execute())
+        return {model: {p: next(lengths) for p in keys.queue_lists(model)} for model in models}
 
     @contextlib.contextmanager
     def _reaching_redis(self) -> Iterator[None]:
@@ -87,8 +130,7 @@ class Client:
     def models(self) -> list[ModelInfo]:
         """The models live workers serve now (from their heartbeats), as ``/v1/models`` lists them."""
         with self._reaching_redis():
-            names = list(self._redis.scan_iter(match=f"{keys.WORKER_KEY_PREFIX}*", count=1000))
-            workers = [WorkerInfo.model_validate_json(raw) for raw in self._redis.mget(names) if raw] if names else []
+            workers = self._workers()
         by_model: dict[str, list[WorkerInfo]] = {}
         for w in workers:
             by_model.setdefault(w.served_name, []).append(w)
@@ -103,10 +145,21 @@ class Client:
         # Re-validate: a model mutated after construction must not reach the wire unchecked.
         job = type(job).model_validate(job.model_dump())
         payload = job.model_dump(mode="json")
+        # What the job left to settings is decided here, once: the worker sees a priority and
+        # an absolute deadline (a timeout counts from now, the submit).
+        priority = job.priority if job.priority is not None else self.settings.queue.default_priority
+        timeout_s = job.timeout_s or self.settings.queue.default_timeout_s_for(job.model)
+        deadline = job.deadline or (time.time() + timeout_s if timeout_s else None)
+        payload.update(priority=priority, deadline=deadline, timeout_s=None)
         blobs: list[tuple[str, bytes]] = []
         if isinstance(job, ChatJob):
             blobs = move_images_to_blobs(job, payload, self.settings.images)
-        return Outgoing(keys.GENERATE_TASK, job.id, keys.queue_for(job.model), payload, self._argsrepr(job), blobs)
+        record: dict[str, str | int | float] = {"model": job.model, "kind": job.kind, "priority": priority,
+                                                "state": "queued"}
+        if deadline is not None:
+            record["deadline"] = repr(deadline)
+        return Outgoing(keys.GENERATE_TASK, job.id, keys.queue_for(job.model), payload, self._argsrepr(job), blobs,
+                        priority=priority, deadline=deadline, record=record)
 
     def _argsrepr(self, job: AnyJob) -> str:
         """What Flower and worker logs show: the job's head, never a whole prompt."""
@@ -121,6 +174,158 @@ class Client:
         if len(body) > limit:
             body = body[:limit] + f"... ({len(body)} chars)"
         return f"{job.kind} {job.model} max_tokens={job.sampling.max_tokens}: {body}"
+
+    # -- controlling jobs --------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job, queued or running; returns what happened, in words.
+
+        * ``"cancelled while queued"``: it will never run; its producer hears ``JobCancelled`` now.
+        * ``"cancelling: running on <worker>"``: its worker aborts it in the engine (within an
+          engine step); its producer hears ``JobCancelled`` with the output produced until then.
+        * ``"already finished: <state>"`` / ``"unknown job"``: nothing changed.
+
+        The cancel is kept in Redis (``vqueue:cancel:<id>``), so a worker that picks the job up
+        later, or again after a restart, skips it too.
+        """
+        return self.cancel_many([job_id])[job_id]
+
+    def cancel_many(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """``cancel`` for each job, in one pipelined round trip; returns job id -> what happened."""
+        job_ids = list(dict.fromkeys(job_ids))
+        ttl = self.settings.redis.result_ttl_s
+        now = time.time()
+        with self._reaching_redis(), self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                meta = json.dumps({"status": "REVOKED", "result": revoked_error("cancelled"), "traceback": None,
+                                   "children": [], "date_done": _iso(now), "task_id": job_id})
+                self._cancel(keys=[keys.result_key(job_id), keys.attempt_key(job_id), keys.cancel_key(job_id),
+                                   keys.job_key(job_id)],
+                             args=[ttl, meta, job_id, keys.CANCEL_CHANNEL, repr(now)], client=pipe)
+            replies = pipe.execute()
+        return {job_id: _said(job_id, reply) for job_id, reply in zip(job_ids, replies, strict=True)}
+
+    def purge(self, model: str) -> list[str]:
+        """Empty ``model``'s queue: every waiting job ends cancelled ("purged") and its producer
+        hears ``JobCancelled``. Jobs already running are left alone. Returns the purged ids."""
+        prefix, suffix = _meta_template(revoked_error("purged"))
+        purged: list[str] = []
+        with self._reaching_redis():
+            for name in keys.queue_lists(model).values():
+                while True:
+                    ids = self._purge(keys=[name], args=[self.settings.redis.result_ttl_s, 1000, prefix, suffix,
+                                                         repr(time.time()), keys.RESULT_KEY_PREFIX,
+                                                         keys.CANCEL_KEY_PREFIX, keys.JOB_KEY_PREFIX])
+                    if not ids:
+                        break
+                    purged.extend(i.decode() for i in ids)
+        return purged
+
+    def job(self, job_id: str) -> JobRecord:
+        """Everything known about one job: its state, attempts, timeline and token counts.
+
+        Raises ``JobNotFound`` for an id Redis knows nothing about.
+        """
+        with self._reaching_redis(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.job_key(job_id)).get(keys.result_key(job_id)).get(keys.attempt_key(job_id))
+            raw_record, raw_meta, attempts = pipe.execute()
+        record = records.decode(raw_record)
+        outcome = decode_meta(job_id, raw_meta)
+        if not record and raw_meta is None and attempts is None:
+            raise JobNotFound(job_id, f"no job {job_id} in Redis: never submitted, or finished more than "
+                                      f"redis.result_ttl_s ({self.settings.redis.result_ttl_s} s) ago")
+        fields = records.fields_of(record)
+        if outcome is not None:
+            state = state_of(outcome)
+        else:
+            state = "running" if record.get("state") == "running" or (attempts and not record) else "queued"
+            if record.get("state") == "cancelled":
+                state = "cancelled"
+        result = outcome if isinstance(outcome, JobResult) else getattr(outcome, "partial", None)
+        if result is not None:
+            t = result.timings
+            fields.update(model=result.model, kind=result.kind, enqueued_at=t.enqueued_at, picked_up_at=t.started_at,
+                          handed_at=t.handed_at, scheduled_at=t.scheduled_at, first_token_at=t.first_token_at,
+                          finished_at=t.finished_at, worker=result.worker, usage=result.usage,
+                          finish_reason=result.finish_reason)
+        elif raw_meta is not None:
+            date_done = json.loads(raw_meta).get("date_done")
+            fields["finished_at"] = _epoch(date_done) if date_done else fields["finished_at"]
+        if isinstance(outcome, JobFailed):
+            fields["error"] = f"{outcome.error_type}: {outcome.error}"
+        return JobRecord(id=job_id, state=state, **fields)
+
+    def queue_stats(self, model: str | None = None) -> list[QueueStats]:
+        """Each model's queue (or ``model``'s only): jobs waiting by priority, the oldest one's
+        wait, its live workers with their jobs in flight and completions per second."""
+        with self._reaching_redis():
+            workers = self._workers()
+            models = [model] if model else sorted({w.served_name for w in workers} | set(self._queued_models()))
+            depths = self._depths(models)
+            oldest = {m: self._oldest_wait_s(m, depths[m]) for m in models}
+        out = []
+        for m in models:
+            mine = sorted((w for w in workers if w.served_name == m), key=lambda w: w.hostname)
+            loads = [WorkerLoad(hostname=w.hostname, in_flight=w.in_flight, max_in_flight=w.max_in_flight,
+                                completions_per_s=w.completions_per_s) for w in mine]
+            out.append(QueueStats(
+                model=m, waiting_by_priority={p: n for p, n in sorted(depths[m].items(), reverse=True) if n},
+                waiting=sum(depths[m].values()), oldest_waiting_s=oldest[m],
+                max_backlog=self.settings.queue.max_backlog_for(m), workers=loads,
+                in_flight=sum(w.in_flight for w in loads), completions_per_s=sum(w.completions_per_s for w in loads),
+            ))  # fmt: skip
+        return out
+
+    def _queued_models(self) -> list[str]:
+        names = {keys.queue_of_list(q.decode()) for q in self._redis.scan_iter(match=f"{keys.QUEUE_PREFIX}*",
+                                                                               count=1000)}  # fmt: skip
+        return [n[len(keys.QUEUE_PREFIX):] for n in names]
+
+    def _oldest_wait_s(self, model: str, depths: dict[int, int]) -> float | None:
+        """How long the oldest waiting job has waited: the tail of each non-empty list is its oldest."""
+        names = [name for p, name in keys.queue_lists(model).items() if depths[p]]
+        if not names:
+            return None
+        with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.lindex(name, -1)
+            ids = [i for i in (_job_id_of(t) for t in pipe.execute() if t) if i]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.job_key(job_id), "enqueued_at")
+            times = [float(t) for t in pipe.execute() if t]
+        return time.time() - min(times) if times else None
+
+    def _workers(self) -> list[WorkerInfo]:
+        names = list(self._redis.scan_iter(match=f"{keys.WORKER_KEY_PREFIX}*", count=1000))
+        return [WorkerInfo.model_validate_json(raw) for raw in self._redis.mget(names) if raw] if names else []
+
+    def retry_dead(self, job_id: str) -> str:
+        """Submit a quarantined job again, as a new job (its id is returned); its dead-letter
+        entry is removed. Its engine-death count starts again from 0."""
+        with self._reaching_redis():
+            raw = self._redis.lrange(keys.DEAD_LETTERS_KEY, 0, -1)
+        for entry_raw in raw:
+            entry = DeadLetter.model_validate_json(entry_raw)
+            if entry.job_id != job_id:
+                continue
+            if entry.kind != "quarantined" or len(base64.b64decode(entry.raw_b64)) != entry.raw_size:
+                raise ValueError(f"dead letter {job_id} is an unreadable message ({entry.reason}); it cannot be "
+                                 "submitted again")
+            payload = json.loads(base64.b64decode(entry.raw_b64))
+            payload.update(id=uuid.uuid4().hex, created_at=time.time(), deadline=None)
+            new_id = self.submit(parse_job(payload))
+            with self._reaching_redis():
+                self._redis.lrem(keys.DEAD_LETTERS_KEY, 1, entry_raw)
+            return new_id
+        raise KeyError(f"no dead letter for job {job_id}; `vqueue dead` lists them")
+
+    def purge_dead(self) -> int:
+        """Empty the dead-letter list; returns how many entries it held."""
+        with self._reaching_redis(), self._redis.pipeline() as pipe:
+            pipe.llen(keys.DEAD_LETTERS_KEY).delete(keys.DEAD_LETTERS_KEY)
+            n, _ = pipe.execute()
+        return int(n)
 
     # -- reading results ---------------------------------------------------------------
 
@@ -193,7 +398,8 @@ class Client:
                     yield outcome
 
     def state(self, job_id: str) -> str:
-        """The job's state: PENDING (queued or unknown), STARTED (a worker took it), SUCCESS, FAILURE."""
+        """The job's Celery state: PENDING (queued or unknown), STARTED (a worker took it), SUCCESS,
+        FAILURE, REVOKED (cancelled or expired). ``job`` says more."""
         with self._reaching_redis():
             raw, attempts = self._redis.mget([keys.result_key(job_id), keys.attempt_key(job_id)])
         if raw is not None:
@@ -207,21 +413,60 @@ class Client:
         return [DeadLetter.model_validate_json(r) for r in raw]
 
     def queue_length(self, model: str) -> int:
-        """Jobs waiting in ``model``'s queue, not yet taken by any worker."""
-        return int(self._redis.llen(keys.queue_for(model)))
+        """Jobs waiting in ``model``'s queue (all priorities), not yet taken by any worker."""
+        with self._reaching_redis():
+            return sum(self._depths([model])[model].values())
 
     def _where_is(self, job_id: str, timeout: float, n_pending: int) -> str:
         state = self.state(job_id)
         others = f" ({n_pending - 1} other jobs also unfinished)" if n_pending > 1 else ""
         if state == "STARTED":
             return f"job {job_id} is still running after {timeout:g} s{others}; wait longer or raise the timeout."
-        queues = [q.decode() for q in self._redis.scan_iter(match=f"{keys.QUEUE_PREFIX}*", count=1000)]
-        waiting = ", ".join(f"{q} ({self._redis.llen(q)} waiting)" for q in sorted(queues)) or "none"
+        models = sorted(self._queued_models())
+        waiting = ", ".join(f"{keys.queue_for(m)} ({self.queue_length(m)} waiting)" for m in models) or "none"
         return (
             f"job {job_id} has no result after {timeout:g} s and no worker has started it{others}. "
             f"Queues with waiting jobs: {waiting}. If its model's queue is listed, no worker serving that "
             f"model is keeping up or running: start one with VQUEUE_MODEL__SERVED_NAME=<model> celery -A worker worker."
         )
+
+
+def _said(job_id: str, reply: list) -> str:
+    """What ``records.CANCEL`` replied, in words."""
+    what = reply[0].decode()
+    if what == "finished":
+        outcome = decode_meta(job_id, reply[1])
+        return f"already finished: {state_of(outcome) if outcome is not None else 'unknown'}"
+    if what == "running":
+        return f"cancelling: running on {reply[1].decode()}"
+    return {"queued": "cancelled while queued", "unknown": "unknown job"}[what]
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _epoch(iso: str) -> float | None:
+    try:
+        at = datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def _meta_template(error: dict) -> tuple[str, str]:
+    """Celery's REVOKED meta as the JSON before and after its task id (the purge script fills it in)."""
+    head = json.dumps({"status": "REVOKED", "result": error, "traceback": None, "children": [],
+                       "date_done": _iso(time.time())})
+    return head[:-1] + ', "task_id": ', "}"
+
+
+def _job_id_of(envelope: bytes) -> str | None:
+    try:
+        job_id = json.loads(envelope)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return job_id if isinstance(job_id, str) else None
 
 
 def _chunks(items: list[str], size: int = _MGET_CHUNK) -> Iterator[list[str]]:

@@ -7,7 +7,12 @@
           same job again can help. The ``error_type`` values are the ``WireError`` classes below
           (``InvalidJob``, ``MalformedMessage``, ``EngineError``) or, for a message Celery
           itself refused before vqueue saw it, Celery's exception name (``NotRegistered``).
+            * ``JobCancelled`` - cancelled (``Client.cancel``, ``vqueue queue purge``) before it
+              finished; ``partial`` is what it produced until then (None if it never ran)
+            * ``JobExpired`` - its deadline passed before it finished; ``partial`` as above
         * ``JobTimeout`` - no result within the timeout; the message says where the job is
+        * ``JobNotFound`` - ``Client.job`` for an id Redis knows nothing about
+    * ``QueueFull`` - ``submit`` to a model whose backlog is at ``queue.max_backlog``; nothing sent
     * ``ModelNotServed`` - ``submit(..., if_unserved="fail")`` for a model no live worker serves
     * ``BrokerUnavailable`` - Redis cannot be reached; names ``redis.url`` and how to start Redis
     * ``WireError`` - raised in the worker, stored by Celery, read back as ``JobFailed``:
@@ -15,6 +20,8 @@
         * ``MalformedMessage`` - the queue message itself could not be read (not vqueue's JSON
           envelope); the raw bytes are kept in the dead-letter list
         * ``EngineError`` - vLLM failed on this job for a reason other than its input; a retry may help
+        * ``Quarantined`` - the engine died ``worker.max_engine_deaths`` times with the job in it;
+          it is not delivered again (``vqueue dead`` lists it, ``vqueue dead retry`` resubmits it)
     * ``EngineDead`` - raised in the worker when its engine died or hung; the job is handed back
       to the queue, never failed for it
 
@@ -29,6 +36,11 @@ Jobs that fail validation at submit raise ``pydantic.ValidationError``, which na
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from producer.protocol import JobResult
 
 
 class VQueueError(Exception):
@@ -54,6 +66,45 @@ class JobFailed(JobError):
         self.error = message
         self.field = field
         self.retryable = retryable
+
+
+class JobCancelled(JobFailed):
+    """A job was cancelled before it finished. ``partial`` is the ``JobResult`` it had produced
+    by then (``outcome`` "cancelled", ``finish_reason`` "abort"), or None if it never ran."""
+
+    def __init__(self, job_id: str, message: str, partial: JobResult | None = None) -> None:
+        super().__init__(job_id, "Cancelled", message)
+        self.partial = partial
+
+
+class JobExpired(JobFailed):
+    """A job's deadline passed: still queued, it never ran (``partial`` None); running, it was
+    aborted and ``partial`` holds its output until then. Submitting it again may work."""
+
+    def __init__(self, job_id: str, message: str, partial: JobResult | None = None) -> None:
+        super().__init__(job_id, "Expired", message, retryable=True)
+        self.partial = partial
+
+
+class JobNotFound(JobError):
+    """Raised by ``Client.job`` for an id Redis has no record, attempt or result of (never
+    submitted, or older than ``redis.result_ttl_s``)."""
+
+
+class QueueFull(VQueueError):
+    """Raised by ``submit`` / ``submit_many`` when a model's backlog would pass
+    ``queue.max_backlog``; nothing of the call was enqueued. Back off and submit again."""
+
+    def __init__(self, model: str, depth: int, limit: int, adding: int) -> None:
+        super().__init__(
+            f"model {model!r} has {depth} jobs waiting and queue.max_backlog is {limit}: "
+            f"{adding} more would pass it, so none was enqueued. Back off and submit again later, "
+            f"or raise the limit (queue.max_backlog, or queue.models.{model!r}.max_backlog)"
+        )
+        self.model = model
+        self.depth = depth
+        self.limit = limit
+        self.adding = adding
 
 
 class JobTimeout(JobError):
@@ -131,10 +182,20 @@ class EngineError(WireError):
     retryable = True
 
 
+class Quarantined(WireError):
+    """The engine died ``worker.max_engine_deaths`` times with this job in it: it is not
+    delivered again. The message gives the attempts and the last death's reason."""
+
+
 #: Every ``WireError`` by the name Celery stores for it.
-WIRE_ERRORS: dict[str, type[WireError]] = {c.__name__: c for c in (InvalidJob, MalformedMessage, EngineError)}
+WIRE_ERRORS: dict[str, type[WireError]] = {c.__name__: c for c in (InvalidJob, MalformedMessage, EngineError,
+                                                                   Quarantined)}
 
 
 class EngineDead(VQueueError):
     """Raised in the worker when its vLLM engine died or stopped answering; in-flight jobs go
     back to the queue."""
+
+    #: Whether the job was in the engine process when it died (its death counts against the
+    #: job: ``worker.max_engine_deaths``), rather than on its way there.
+    handed = False

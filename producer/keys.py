@@ -6,7 +6,12 @@ Redis keys (db of ``redis.url``):
 key                                type     holds
 =================================  =======  ==============================================
 ``vqueue.<served_name>``           list     the model's queue: Celery messages (JSON), the
-                                            broker's; one queue per served model name
+                                            broker's; one queue per served model name, one
+                                            list per kombu priority step k (1-9: the name
+                                            + ``\\x06\\x16<k>``; step 0 is the bare name).
+                                            vqueue priority p (0-9, higher first) is kombu
+                                            step 9 - p; workers take the lists in step
+                                            order (``queue_lists``)
 ``celery-task-meta-<job id>``      string   Celery's result backend: JSON ``{"status",
                                             "result", ...}``; ``result`` is a ``JobResult``
                                             or an error; TTL ``redis.result_ttl_s``.
@@ -26,14 +31,29 @@ key                                type     holds
 ``vqueue:attempt:<job id>``        string   how many times a worker started the job (INCR);
                                             its presence means "started"; TTL
                                             ``redis.result_ttl_s``
+``vqueue:job:<job id>``            hash     the job's record: model, kind, priority,
+                                            deadline and ``enqueued_at`` (written with the
+                                            message, in its pipeline), then ``state``,
+                                            ``worker``, ``picked_up_at``, ``attempts`` and
+                                            ``attempt:<n>`` ("<worker> <epoch s>") at each
+                                            pickup, ``engine_deaths`` / ``last_death``;
+                                            the end of the job is read from its result.
+                                            TTL ``redis.result_ttl_s``
+``vqueue:cancel:<job id>``         string   the job was cancelled ("cancelled" / "purged"):
+                                            a worker that picks it up skips it, whenever
+                                            that is; TTL ``redis.result_ttl_s``
+``vqueue:cancel``                  channel  pub/sub, not a key: a cancelled job's id, heard
+                                            by every worker (one subscription each); the
+                                            one running it aborts it in its engine
 ``vqueue:blob:<job id>:<n>``       string   the raw bytes of the job's n-th data: URI image,
                                             written before the job is queued; the job
                                             carries ``vqueue-blob:<that key>`` instead
                                             (keeps megabytes out of Celery messages, Flower
                                             and the worker's consumer thread); TTL
                                             ``redis.result_ttl_s``, deleted when the job ends
-``vqueue:dead-letters``            list     messages no worker could read (JSON: reason,
-                                            queue, job id, the first raw bytes in base64),
+``vqueue:dead-letters``            list     messages no worker could read, and quarantined
+                                            jobs (JSON ``DeadLetter``: kind, reason, queue,
+                                            job id, the first raw bytes in base64),
                                             newest first, at most
                                             ``worker.dead_letter_max``; TTL
                                             ``redis.result_ttl_s``, renewed on each write
@@ -62,6 +82,14 @@ UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 UNACKED_MUTEX_KEY = "unacked_mutex"
 BLOB_KEY_PREFIX = "vqueue:blob:"
+JOB_KEY_PREFIX = "vqueue:job:"
+CANCEL_KEY_PREFIX = "vqueue:cancel:"
+#: The pub/sub channel cancelled job ids are published on (see ``worker.job_control``).
+CANCEL_CHANNEL = "vqueue:cancel"
+#: kombu's Redis transport names priority step k of queue q ``q + "\x06\x16" + str(k)`` (k > 0).
+KOMBU_PRIORITY_SEP = "\x06\x16"
+#: vqueue priorities: 0-9, a higher number runs first.
+PRIORITIES = range(10)
 #: The URL scheme of an image the producer moved to a blob key.
 BLOB_SCHEME = "vqueue-blob:"
 #: A worker's announcement outlives this many missed heartbeats, then expires.
@@ -71,6 +99,35 @@ HEARTBEAT_TTL_BEATS = 3
 def queue_for(served_name: str) -> str:
     """The Redis list (Celery queue) that workers serving ``served_name`` consume."""
     return f"{QUEUE_PREFIX}{served_name}"
+
+
+def kombu_priority(priority: int) -> int:
+    """kombu's priority step for a vqueue priority: kombu takes step 0 first, vqueue runs 9 first."""
+    return 9 - priority
+
+
+def priority_list(queue: str, priority: int) -> str:
+    """The Redis list kombu's Redis transport pushes a message of vqueue ``priority`` to."""
+    step = kombu_priority(priority)
+    return f"{queue}{KOMBU_PRIORITY_SEP}{step}" if step else queue
+
+
+def queue_lists(served_name: str) -> dict[int, str]:
+    """Every list of ``served_name``'s queue by vqueue priority, highest (taken first) first."""
+    return {p: priority_list(queue_for(served_name), p) for p in sorted(PRIORITIES, reverse=True)}
+
+
+def queue_of_list(name: str) -> str:
+    """The queue a priority list belongs to (``vqueue.m`` + ``KOMBU_PRIORITY_SEP`` + ``3`` -> ``vqueue.m``)."""
+    return name.split(KOMBU_PRIORITY_SEP, 1)[0]
+
+
+def job_key(job_id: str) -> str:
+    return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{CANCEL_KEY_PREFIX}{job_id}"
 
 
 def result_key(job_id: str) -> str:

@@ -156,6 +156,20 @@ class _Job(_Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     #: Epoch seconds when the producer built the job.
     created_at: float = Field(default_factory=time.time)
+    #: 0-9, a higher number runs first: taken from Redis first, scheduled first by vLLM among
+    #: waiting requests. None: ``queue.default_priority`` (5), set at submit.
+    priority: int | None = Field(None, ge=0, le=9)
+    #: Seconds from submit until the job expires: still queued then, it never runs; running,
+    #: it is aborted and ends with its partial output (``JobExpired``). Or ``deadline``.
+    timeout_s: float | None = Field(None, gt=0)
+    #: The same as an absolute time, epoch seconds. Neither: ``queue.default_timeout_s``.
+    deadline: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_deadline(self) -> _Job:
+        if self.timeout_s is not None and self.deadline is not None:
+            raise ValueError("give timeout_s (seconds from submit) or deadline (epoch seconds), not both")
+        return self
 
 
 class CompletionJob(_Job):
@@ -221,10 +235,16 @@ class Usage(_Lenient):
 
 
 class Timings(_Lenient):
-    """Epoch seconds of each step of the job's life."""
+    """Epoch seconds of each step of the job's life (the engine's own clock for its steps)."""
 
+    #: The job entered Redis (its queue).
     enqueued_at: float
+    #: A worker picked it up (took it from the queue and started its task).
     started_at: float
+    #: The engine process called ``engine.generate`` for it.
+    handed_at: float | None = None
+    #: vLLM's scheduler first gave it a step (``RequestOutput.metrics.scheduled_ts``).
+    scheduled_at: float | None = None
     first_token_at: float | None = None
     finished_at: float
 
@@ -270,6 +290,9 @@ class JobResult(_Lenient):
     timings: Timings
     worker: str
     attempt: int = 1
+    #: "succeeded", or how a job stopped early: then this is its partial output, the
+    #: ``partial`` of a ``JobCancelled`` / ``JobExpired`` (``finish_reason`` "abort").
+    outcome: Literal["succeeded", "cancelled", "expired"] = "succeeded"
 
     @property
     def text(self) -> str:
@@ -296,6 +319,10 @@ class WorkerInfo(_Lenient):
     modalities: list[str]
     max_in_flight: int
     started_at: float
+    #: Jobs running in its pool threads at its last heartbeat.
+    in_flight: int = 0
+    #: Jobs it finished per second over the last minute, at its last heartbeat.
+    completions_per_s: float = 0.0
 
 
 class ModelInfo(_Lenient):
@@ -310,9 +337,11 @@ class ModelInfo(_Lenient):
 
 
 class DeadLetter(_Lenient):
-    """One entry of ``vqueue:dead-letters``: a message no worker could run, kept for operators."""
+    """One entry of ``vqueue:dead-letters``, kept for operators: a message no worker could read
+    (``malformed``), or a job whose runs killed the engine ``worker.max_engine_deaths`` times
+    (``quarantined``; ``raw_b64`` is its job, which ``vqueue dead retry`` submits again)."""
 
-    kind: Literal["malformed"] = "malformed"
+    kind: Literal["malformed", "quarantined"] = "malformed"
     queue: str
     job_id: str | None = None
     error_type: str
@@ -323,6 +352,106 @@ class DeadLetter(_Lenient):
     raw_size: int
     at: float
     worker: str
+    #: Quarantined jobs: how many times a worker started it.
+    attempts: int | None = None
+
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired", "quarantined"]
+#: States after which nothing more happens to a job.
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "expired", "quarantined"})
+
+
+class Attempt(_Lenient):
+    """One start of a job: its number (1, 2, ...), the worker and when it picked the job up."""
+
+    number: int
+    worker: str
+    picked_up_at: float
+
+
+class JobRecord(_Lenient):
+    """Everything known about one job (``Client.job`` / ``vqueue show``): its record in Redis
+    (``vqueue:job:<id>``) read together with its result.
+
+    The timeline: ``enqueued_at`` (entered Redis) -> ``picked_up_at`` (a worker took it) ->
+    ``handed_at`` (the engine process called ``generate``) -> ``scheduled_at`` (vLLM's scheduler
+    first ran it) -> ``first_token_at`` -> ``finished_at``; unknown steps are None.
+    """
+
+    id: str
+    state: JobState
+    model: str | None = None
+    kind: str | None = None
+    priority: int | None = None
+    deadline: float | None = None
+    enqueued_at: float | None = None
+    picked_up_at: float | None = None
+    handed_at: float | None = None
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    engine_deaths: int = 0
+    last_death: str | None = None
+    worker: str | None = None
+    usage: Usage | None = None
+    finish_reason: FinishReason | None = None
+    #: Why it failed, was cancelled or expired (``error_type: message``).
+    error: str | None = None
+
+    def _between(self, start: float | None, end: float | None) -> float | None:
+        return end - start if start is not None and end is not None else None
+
+    @property
+    def wait_in_redis_s(self) -> float | None:
+        return self._between(self.enqueued_at, self.picked_up_at)
+
+    @property
+    def wait_in_engine_s(self) -> float | None:
+        return self._between(self.handed_at, self.scheduled_at)
+
+    @property
+    def time_to_first_token_s(self) -> float | None:
+        """From entering Redis to the first token: what a producer waited for it."""
+        return self._between(self.enqueued_at, self.first_token_at)
+
+    @property
+    def decode_s(self) -> float | None:
+        return self._between(self.first_token_at, self.finished_at)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Completion tokens per second of decoding (after the first token)."""
+        decode = self.decode_s
+        if self.usage is None or not decode:
+            return None
+        return (self.usage.completion_tokens - 1) / decode if self.usage.completion_tokens > 1 else None
+
+    def derived(self) -> dict[str, float | None]:
+        return {name: getattr(self, name) for name in
+                ("wait_in_redis_s", "wait_in_engine_s", "time_to_first_token_s", "decode_s", "tokens_per_s")}
+
+
+class WorkerLoad(_Lenient):
+    hostname: str
+    in_flight: int
+    max_in_flight: int
+    completions_per_s: float
+
+
+class QueueStats(_Lenient):
+    """One model's queue as ``vqueue queue`` shows it."""
+
+    model: str
+    #: Jobs waiting (not yet taken by a worker), by priority; priorities with none left out.
+    waiting_by_priority: dict[int, int]
+    waiting: int
+    #: Seconds the oldest waiting job has waited (None: none waiting or no record of it).
+    oldest_waiting_s: float | None
+    max_backlog: int
+    workers: list[WorkerLoad]
+    in_flight: int
+    completions_per_s: float
 
 
 #: How much of an unreadable message a dead-letter entry keeps.

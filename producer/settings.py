@@ -105,6 +105,45 @@ class WorkerSettings(_Section):
     engine_ping_timeout_s: float = Field(30.0, gt=0)
     #: Unreadable messages kept in ``vqueue:dead-letters`` (the oldest are dropped).
     dead_letter_max: int = Field(10_000, ge=1)
+    #: A job in the engine this many times when it died is quarantined: failed
+    #: (``Quarantined``), never delivered again, listed by ``vqueue dead``. Not 1: an engine
+    #: also dies of things no job caused (a GPU fault, the OOM killer), and every job in flight
+    #: shares each death. Not more than 3: each death costs a worker restart and requeues
+    #: everything in flight with it. Three in a row almost surely names the job.
+    max_engine_deaths: int = Field(3, ge=1)
+
+
+class ModelQueueSettings(_Section):
+    """``queue.models.<served name>``: one model's own limits (unset: the ``queue`` ones)."""
+
+    max_backlog: int | None = Field(None, ge=0)
+    default_timeout_s: float | None = Field(None, gt=0)
+
+
+class QueueSettings(_Section):
+    """What producers may queue: bounds, default priorities and deadlines (checked at submit)."""
+
+    #: Jobs waiting in one model's queue (not yet taken by a worker) beyond which ``submit``
+    #: raises ``QueueFull`` and enqueues nothing; 0 = unbounded. Producers count before
+    #: sending, so producers racing each other can overshoot it by their batches.
+    max_backlog: int = Field(0, ge=0)
+    #: A job's deadline when it sets neither ``timeout_s`` nor ``deadline``; None: none.
+    default_timeout_s: float | None = Field(None, gt=0)
+    #: Priority (0-9, higher runs first) of a job that sets none...
+    default_priority: int = Field(5, ge=0, le=9)
+    #: ...and of the lines of a batch file, lower so that bulk work never starves single requests.
+    batch_priority: int = Field(2, ge=0, le=9)
+    #: Per served model name: ``[queue.models."Qwen2-VL-2B-Instruct"] max_backlog = 5000``.
+    models: dict[str, ModelQueueSettings] = Field(default_factory=dict)
+
+    def max_backlog_for(self, model: str) -> int:
+        own = self.models.get(model)
+        return own.max_backlog if own is not None and own.max_backlog is not None else self.max_backlog
+
+    def default_timeout_s_for(self, model: str) -> float | None:
+        own = self.models.get(model)
+        return own.default_timeout_s if own is not None and own.default_timeout_s is not None \
+            else self.default_timeout_s
 
 
 class TestingSettings(_Section):
@@ -126,7 +165,7 @@ class ProducerSettings(_Section):
 
 class Settings(BaseSettings):
     """Every setting of vqueue, in sections (``redis``, ``model``, ``engine``, ``worker``,
-    ``producer``). Build one directly in tests: ``Settings(redis={"url": ...})``."""
+    ``producer``, ``queue``). Build one directly in tests: ``Settings(redis={"url": ...})``."""
 
     model_config = SettingsConfigDict(
         env_prefix="VQUEUE_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
@@ -138,6 +177,7 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     worker: WorkerSettings = WorkerSettings()
     producer: ProducerSettings = ProducerSettings()
+    queue: QueueSettings = QueueSettings()
     testing: TestingSettings = TestingSettings()
 
     @model_validator(mode="after")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import redis
 from celery import Celery
@@ -30,7 +32,7 @@ def make_celery(settings: Settings, name: str = "vqueue", results: bool = True) 
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        broker_transport_options=lease_options(settings),
+        broker_transport_options={**lease_options(settings), **priority_options()},
         result_expires=settings.redis.result_ttl_s,
         # One result backend (one Redis connection pool) for all pool threads: Celery otherwise
         # builds a backend and a Redis client per thread, on each thread's first job, inside the
@@ -69,6 +71,15 @@ def lease_options(settings: Settings) -> dict:
     }
 
 
+def priority_options() -> dict:
+    """kombu's Redis transport options for vqueue's ten priorities (``producer.keys``).
+
+    kombu keeps one Redis list per priority step and BRPOPs them in step order, so a worker
+    always takes a message of the most urgent non-empty step (its own default is 4 steps).
+    """
+    return {"priority_steps": list(keys.PRIORITIES)}
+
+
 @dataclass
 class Outgoing:
     """One job on its way: the Celery task, its queue, the JSON payload, what Flower shows,
@@ -80,6 +91,11 @@ class Outgoing:
     payload: dict
     argsrepr: str
     blobs: list[tuple[str, bytes]] = field(default_factory=list)
+    #: vqueue's priority (0-9, higher first), and the deadline (epoch s) Celery expires it at.
+    priority: int = 5
+    deadline: float | None = None
+    #: The job's record (``producer.records``); written in the same pipeline as the message.
+    record: dict[str, str | int | float] | None = None
 
 
 class JobPublisher:
@@ -104,26 +120,43 @@ class JobPublisher:
                 producer.maybe_declare(self._app.amqp.queues[queue])
             self._declared.add(queue)
 
-    def envelope(self, task: str, job_id: str, queue: str, payload: dict, argsrepr: str) -> str:
-        message = self._app.amqp.create_task_message(job_id, task, [payload], {}, argsrepr=argsrepr, kwargsrepr="{}")
+    def envelope(self, task: str, job_id: str, queue: str, payload: dict, argsrepr: str, priority: int | None = None,
+                 deadline: float | None = None) -> str:
+        """kombu's message as ``send_task(..., priority=keys.kombu_priority(priority), expires=deadline)``
+        would publish it (``priority`` None: kombu's default step 0)."""
+        expires = datetime.fromtimestamp(deadline, UTC) if deadline is not None else None
+        message = self._app.amqp.create_task_message(job_id, task, [payload], {}, argsrepr=argsrepr, kwargsrepr="{}",
+                                                     expires=expires)
+        properties = {**message.properties, "delivery_mode": 2,
+                      "priority": keys.kombu_priority(priority) if priority is not None else 0,
+                      "body_encoding": "base64", "delivery_info": {"exchange": "", "routing_key": queue},
+                      "delivery_tag": str(uuid.uuid4())}
+        if deadline is not None:  # kombu's per-message TTL (ms); Redis ignores it, Celery's header decides
+            properties["expiration"] = str(int(max(0.0, deadline - time.time()) * 1000))
         return json.dumps({
             "body": base64.b64encode(json.dumps(message.body).encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": message.headers,
-            "properties": {**message.properties, "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
-                           "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": str(uuid.uuid4())},
+            "properties": properties,
         })  # fmt: skip
 
     def publish(self, messages: Iterable[Outgoing], blob_ttl_s: int, chunk: int = 1000) -> None:
-        """Send ``messages`` in order; each one's blobs are written before it is queued."""
+        """Send ``messages`` in order; each one's blobs are written before it is queued, its
+        record (``enqueued_at`` stamped now) with it, to the list of its priority."""
         with self._client.pipeline(transaction=False) as pipe:
             pending = 0
             for m in messages:
                 self._declare(m.queue)
                 for key, data in m.blobs:
                     pipe.set(key, data, ex=blob_ttl_s)
-                pipe.lpush(m.queue, self.envelope(m.task, m.job_id, m.queue, m.payload, m.argsrepr))
+                envelope = self.envelope(m.task, m.job_id, m.queue, m.payload, m.argsrepr, m.priority, m.deadline)
+                if m.record is not None:
+                    record_key = keys.job_key(m.job_id)
+                    pipe.hset(record_key, mapping={**m.record, "enqueued_at": repr(time.time())})
+                    pipe.expire(record_key, blob_ttl_s)
+                    pending += 2
+                pipe.lpush(keys.priority_list(m.queue, m.priority), envelope)
                 pending += 1 + len(m.blobs)
                 if pending >= chunk:
                     pipe.execute()

@@ -57,6 +57,8 @@ def test_public_api_is_pinned() -> None:
         "DeadLetter", "EngineDead", "EngineError", "FinishReason", "InvalidJob", "JobError", "JobFailed", "JobResult",
         "JobTimeout", "MalformedMessage", "ModelInfo", "ModelNotServed", "ResponseFormat", "Sampling", "Settings",
         "TextPart", "Timings", "Usage", "VQueueError", "get_settings",
+        # job control (issue 10)
+        "JobCancelled", "JobExpired", "JobNotFound", "JobRecord", "Quarantined", "QueueFull", "QueueStats",
     }  # fmt: skip
 
 
