@@ -32,6 +32,14 @@ class DeadLetters:
         entry = DeadLetter(queue=queue, job_id=job_id, error_type=type(error).__name__, field=error.field,
                            reason=error.reason, raw_b64=base64.b64encode(data[:DEAD_LETTER_RAW_BYTES]).decode(),
                            raw_size=len(data), at=time.time(), worker=self.worker)
+        self.add(entry)
+        log.error("dead-lettered an unreadable message on %s (job %s, %d bytes): %s: %s", queue, job_id or "unknown",
+                  len(data), type(error).__name__, error)
+        if job_id is not None:
+            self._fail_job(job_id, error)
+
+    def add(self, entry: DeadLetter) -> None:
+        """Keep ``entry`` at the head of the list (at most ``max_entries``), count it, renew the TTLs."""
         with self._client.pipeline(transaction=False) as pipe:
             pipe.lpush(keys.DEAD_LETTERS_KEY, entry.model_dump_json())
             pipe.ltrim(keys.DEAD_LETTERS_KEY, 0, self._max - 1)
@@ -39,7 +47,3 @@ class DeadLetters:
             pipe.incr(keys.DEAD_LETTERS_TOTAL_KEY)
             pipe.expire(keys.DEAD_LETTERS_TOTAL_KEY, self._ttl_s)
             pipe.execute()
-        log.error("dead-lettered an unreadable message on %s (job %s, %d bytes): %s: %s", queue, job_id or "unknown",
-                  len(data), type(error).__name__, error)
-        if job_id is not None:
-            self._fail_job(job_id, error)

@@ -28,10 +28,16 @@ from producer.settings import Settings
 from worker import media
 from worker.framing import SyncChannel
 from worker.models import resolve_model
+from worker.results import JobStopped
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 60.0
+#: A stop heard for a job not yet in the engine is kept this long for it: the job is between
+#: its pickup and ``run_job`` (milliseconds), or it is not this worker's at all.
+EARLY_STOP_TTL_S = 60.0
+#: Stops kept at most before the old ones are dropped (every worker hears every cancel).
+EARLY_STOPS_MAX = 10_000
 
 
 class EngineHolder:
@@ -55,6 +61,10 @@ class EngineHolder:
         self._ids = itertools.count()
         self._stopping = False
         self._last_pong = time.monotonic()
+        #: Jobs handed to the engine process: job id -> its request number there.
+        self._jobs: dict[str, int] = {}
+        #: Stops heard for jobs not (yet) here: job id -> (why, when); kept ``EARLY_STOP_TTL_S``.
+        self._early_stops: dict[str, tuple[str, float]] = {}
         self._watchdog = threading.Thread(target=self._watch_engine, name="vqueue-engine-watchdog", daemon=True)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -103,7 +113,11 @@ class EngineHolder:
 
     # -- jobs ----------------------------------------------------------------------------
 
-    def run_job(self, job: CompletionJob | ChatJob, *, started_at: float, worker: str, attempt: int) -> JobResult:
+    def run_job(self, job: CompletionJob | ChatJob, *, started_at: float, worker: str, attempt: int,
+                enqueued_at: float | None = None) -> JobResult:
+        """Run ``job`` to its result. A result whose ``outcome`` is not "succeeded" is the output
+        of a job stopped in the engine; ``JobStopped`` means it was stopped before it got there.
+        ``EngineDead.handed`` says whether the job was in the engine process when it died."""
         if self.dead or self._channel is None:
             raise EngineDead("the engine is not running; the job goes back to the queue")
         messages = None
@@ -114,23 +128,62 @@ class EngineHolder:
         future: Future = Future()
         request_id = next(self._ids)
         with self._lock:
-            self._pending[request_id] = future
+            early = self._early_stops.pop(job.id, None)
+            if early is None:
+                self._pending[request_id] = future
+                self._jobs[job.id] = request_id
+        if early is not None:
+            raise JobStopped(early[0])
         try:
-            if self.dead:  # died between the check above and registering: nobody would answer
-                raise OSError("engine process gone")
-            self._channel.send(("job", request_id, job, messages, started_at, worker, attempt))
-        except OSError:
-            self._pending.pop(request_id, None)
-            self.dead = True
-            raise EngineDead("the engine process is gone; the job goes back to the queue") from None
-        # Never an unbounded wait: a job may run for hours, but each slice of the wait ends
-        # and checks that the engine is still alive (the watchdog fails every job otherwise).
-        while True:
             try:
-                return future.result(timeout=self.settings.worker.engine_ping_timeout_s)
-            except FutureTimeout:
-                if self.dead:
-                    raise EngineDead("the engine stopped answering; the job goes back to the queue") from None
+                if self.dead:  # died between the check above and registering: nobody would answer
+                    raise OSError("engine process gone")
+                self._channel.send(("job", request_id, job, messages, started_at, worker, attempt, enqueued_at))
+            except OSError:
+                self._pending.pop(request_id, None)
+                self.dead = True
+                raise EngineDead("the engine process is gone; the job goes back to the queue") from None
+            # Never an unbounded wait: a job may run for hours, but each slice of the wait ends
+            # and checks that the engine is still alive (the watchdog fails every job otherwise).
+            while True:
+                try:
+                    return future.result(timeout=self.settings.worker.engine_ping_timeout_s)
+                except FutureTimeout:
+                    if self.dead:
+                        dead = EngineDead("the engine stopped answering; the job goes back to the queue")
+                        dead.handed = True
+                        raise dead from None
+                except EngineDead as dead:
+                    dead.handed = True
+                    raise
+        finally:
+            with self._lock:
+                if self._jobs.get(job.id) == request_id:
+                    del self._jobs[job.id]
+
+    def stop_job(self, job_id: str, reason: str) -> bool:
+        """Stop a job ("cancelled", "expired"): aborted in the engine if it is there (its result is
+        its output until then), else never run if it arrives within ``EARLY_STOP_TTL_S``.
+        Returns whether the job was here."""
+        with self._lock:
+            request_id = self._jobs.get(job_id)
+            if request_id is None:
+                now = time.monotonic()
+                self._early_stops[job_id] = (reason, now)
+                if len(self._early_stops) > EARLY_STOPS_MAX:  # every worker hears every cancel
+                    for old in [j for j, (_, at) in self._early_stops.items() if now - at > EARLY_STOP_TTL_S]:
+                        del self._early_stops[old]
+                return False
+        try:
+            self._channel.send(("stop-job", request_id, reason))
+        except (OSError, AttributeError):
+            return False  # the engine is gone; the job goes back to the queue and meets its cancel there
+        return True
+
+    def job_ids(self) -> list[str]:
+        """The jobs in the engine now."""
+        with self._lock:
+            return list(self._jobs)
 
     def _watch_engine(self) -> None:
         """Ping the engine process on a schedule; one that stops answering is a dead one."""

@@ -31,6 +31,7 @@ from producer.protocol import ChatJob, CompletionJob, JobResult
 from producer.settings import Settings
 from worker import failures, prompts, results, sampling
 from worker.framing import AsyncChannel
+from worker.results import JobStopped
 
 log = logging.getLogger("vqueue.engine")
 
@@ -92,6 +93,7 @@ def engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
     benchmark records and hands ``vllm serve`` as flags, so both run the same engine."""
     e = settings.engine
     extra = dict(e.extra_args)
+    extra.setdefault("scheduling_policy", "priority")  # job control (issue 10): jobs' priority inside vLLM
     if not e.enforce_eager and not any(k in extra for k in _GRAPH_KEYS):
         extra["compilation_config"] = {"max_cudagraph_capture_size": cudagraph_capture_size(e.max_num_seqs)}
     return dict(
@@ -117,6 +119,11 @@ class EngineRunner:
         self.settings = settings
         self.engine: Any = None
         self.model_defaults: dict[str, Any] = {}
+        self.priority_scheduling = False
+        #: The jobs in this process, by the worker's request number.
+        self.live: dict[int, Live] = {}
+        #: Stops that arrived before their job (the worker sends both at once): number -> (why, when).
+        self.early_stops: dict[int, tuple[str, float]] = {}
 
     def start(self, model_path: str) -> dict[str, Any]:
         from vllm import AsyncLLMEngine
@@ -125,6 +132,8 @@ class EngineRunner:
         # Built inside the running loop so that the engine's output handler lives on it.
         self.engine = AsyncLLMEngine.from_engine_args(engine_args(self.settings, model_path))
         self.model_defaults = self.engine.model_config.get_diff_sampling_param()
+        self.priority_scheduling = str(getattr(self.engine.vllm_config.scheduler_config, "policy", "fcfs")) \
+            .lower().endswith("priority")
         log.info("engine ready for %r in %.1f s (max_model_len %d, max_num_seqs %d, model defaults %s)",
                  self.settings.model.served_name, time.monotonic() - started, self.settings.engine.max_model_len,
                  self.settings.engine.max_num_seqs, self.model_defaults or "none")
@@ -147,31 +156,117 @@ class EngineRunner:
             except Exception:
                 log.debug("do_log_stats failed", exc_info=True)
 
+    def admit(self, number: int) -> Live:
+        """Register the job the worker numbered ``number``; a stop that came first applies now."""
+        live = self.live[number] = Live()
+        early = self.early_stops.pop(number, None)
+        if early is not None:
+            live.reason = early[0]
+        return live
+
+    def stop(self, number: int, reason: str) -> None:
+        """Stop a job ("cancelled", "expired"): vLLM's ``abort`` if it is generating (its output
+        until then comes back as its result), else it never reaches ``generate``."""
+        live = self.live.get(number)
+        if live is None:  # its job frame is still on its way, or it just finished
+            now = time.monotonic()
+            self.early_stops[number] = (reason, now)
+            for old in [n for n, (_, at) in self.early_stops.items() if now - at > EARLY_STOP_TTL_S]:
+                del self.early_stops[old]
+            return
+        if live.reason is not None:
+            return
+        live.reason = reason
+        if live.request_id is not None:
+            asyncio.get_running_loop().create_task(self._abort(live))
+
+    async def _abort(self, live: Live) -> None:
+        """vLLM's ``abort`` for a stopped job. An abort that lands while ``generate`` is still
+        adding the request finds nothing to abort, so it is repeated until the job has ended."""
+        log.info("aborting %s (%s)", live.request_id, live.reason)
+        while not live.done:
+            try:
+                await self.engine.abort(live.request_id)
+            except Exception:  # the engine is dying: its jobs end with it, the worker sees to them
+                log.warning("could not abort %s", live.request_id, exc_info=True)
+                return
+            await asyncio.sleep(ABORT_RETRY_S)
+
     async def run(self, job: CompletionJob | ChatJob, messages: list[dict[str, Any]] | None, *,
-                  started_at: float, worker: str, attempt: int) -> JobResult:
+                  started_at: float, worker: str, attempt: int, live: Live | None = None,
+                  enqueued_at: float | None = None) -> JobResult:
+        live = live or Live()
         served = self.settings.model.served_name
         if job.model != served:
             raise InvalidJob("model", f"this worker serves {served!r}, not {job.model!r}; "
                              f"submit to model {served!r} or start a worker with model.served_name={job.model!r}")
         if self.settings.testing.hooks:
             test_hooks(job)
-        request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"  # unique even if a job is delivered twice
-        prompt = await prompts.render(self.engine.renderer, job, messages)
+        timer = None
+        if job.deadline is not None:
+            # One timer per job on this loop: nothing polls; at the deadline vLLM aborts it.
+            timer = asyncio.get_running_loop().call_later(max(0.0, job.deadline - time.time()),
+                                                          self._expire, live)
         try:
-            params = sampling.to_sampling_params(
-                job.sampling, prompts.prompt_length(prompt), self.settings.engine.max_model_len, self.model_defaults
-            )
-        except Exception as exc:
-            raise failures.classify(exc, "sampling") from None
-        final = None
-        try:
-            async for output in self.engine.generate(prompt, params, request_id=request_id):
-                final = output
-        except Exception as exc:
-            raise failures.classify(exc) from None
+            request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"  # unique even if a job is delivered twice
+            prompt = await prompts.render(self.engine.renderer, job, messages)
+            try:
+                params = sampling.to_sampling_params(
+                    job.sampling, prompts.prompt_length(prompt), self.settings.engine.max_model_len,
+                    self.model_defaults
+                )
+            except Exception as exc:
+                raise failures.classify(exc, "sampling") from None
+            if live.reason is not None:
+                raise JobStopped(live.reason)
+            extra = {}
+            if self.priority_scheduling:
+                # vLLM runs a lower number first; vqueue a higher one.
+                extra["priority"] = 9 - (job.priority if job.priority is not None else 5)
+            final = None
+            live.request_id = request_id
+            handed_at = time.time()
+            try:
+                async for output in self.engine.generate(prompt, params, request_id=request_id, **extra):
+                    final = output
+            except Exception as exc:
+                raise failures.classify(exc) from None
+        finally:
+            live.done = True
+            if timer is not None:
+                timer.cancel()
         if final is None or not final.finished:
+            if live.reason is not None:  # an engine that ends an aborted request without a final output
+                raise JobStopped(live.reason)
             raise EngineError(None, f"the engine ended request {request_id} without a final output")
-        return results.build_result(job, final, started_at=started_at, worker=worker, attempt=attempt)
+        aborted = any(c.finish_reason == "abort" for c in final.outputs)
+        outcome = live.reason if aborted and live.reason is not None else "succeeded"
+        return results.build_result(job, final, started_at=started_at, worker=worker, attempt=attempt,
+                                    enqueued_at=enqueued_at, handed_at=handed_at, outcome=outcome)
+
+    def _expire(self, live: Live) -> None:
+        if live.reason is None:
+            live.reason = "expired"
+            if live.request_id is not None:
+                asyncio.get_running_loop().create_task(self._abort(live))
+
+
+#: How long a stop for a job not (yet) in this process is kept for it.
+EARLY_STOP_TTL_S = 60.0
+#: How often an abort is repeated until the aborted job has ended.
+ABORT_RETRY_S = 0.25
+
+
+class Live:
+    """A job in the engine process: its vLLM request id once it is generating, and why it was
+    stopped (None: it was not)."""
+
+    __slots__ = ("done", "reason", "request_id")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.request_id: str | None = None
+        self.done = False
 
 
 def test_hooks(job: CompletionJob | ChatJob) -> None:
@@ -196,9 +291,13 @@ def _portable(exc: BaseException) -> BaseException:
 
 async def _run_one(runner: EngineRunner, channel: AsyncChannel, request_id: int, *args: Any, **kwargs: Any) -> None:
     try:
-        channel.send(("done", request_id, await runner.run(*args, **kwargs)))
+        channel.send(("done", request_id, await runner.run(*args, live=runner.admit(request_id), **kwargs)))
+    except JobStopped as stopped:
+        channel.send(("error", request_id, stopped))
     except Exception as exc:
         channel.send(("error", request_id, _portable(failures.classify(exc))))
+    finally:
+        runner.live.pop(request_id, None)
 
 
 async def serve(channel: AsyncChannel) -> None:
@@ -229,9 +328,12 @@ async def serve(channel: AsyncChannel) -> None:
                 # engine that reports itself errored) stops answering, and the worker gives up.
                 channel.send(("pong", message[1], None) if not runner.errored() else ("dead", message[1], None))
                 continue
-            _, request_id, job, messages, started_at, worker, attempt = message
-            task = asyncio.create_task(_run_one(runner, channel, request_id, job, messages,
-                                                started_at=started_at, worker=worker, attempt=attempt))
+            if message[0] == "stop-job":
+                runner.stop(message[1], message[2])
+                continue
+            _, request_id, job, messages, started_at, worker, attempt, enqueued_at = message
+            task = asyncio.create_task(_run_one(runner, channel, request_id, job, messages, started_at=started_at,
+                                                worker=worker, attempt=attempt, enqueued_at=enqueued_at))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
     finally:

@@ -20,6 +20,16 @@ from producer.protocol import (
 from worker.sampling import top_logprobs
 
 
+class JobStopped(Exception):
+    """Raised by the engine process for a job stopped ("cancelled" / "expired") before it
+    reached ``engine.generate``: there is no partial output. One stopped later is a
+    ``JobResult`` whose ``outcome`` says so."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
 def first_token_at(output: Any) -> float | None:
     """Epoch seconds of the first output token, from the engine's own request stats."""
     stats = getattr(output, "metrics", None)
@@ -28,6 +38,18 @@ def first_token_at(output: Any) -> float | None:
     if arrival and latency:
         return arrival + latency
     return None
+
+
+def scheduled_at(output: Any) -> float | None:
+    """Epoch seconds when vLLM's scheduler first ran the request.
+
+    ``scheduled_ts`` is EngineCore's ``time.monotonic()``: CLOCK_MONOTONIC, the same clock in
+    every process of the host, so this process's offset to the wall clock converts it.
+    """
+    ts = getattr(getattr(output, "metrics", None), "scheduled_ts", None)
+    if not ts:
+        return None
+    return ts + (time.time() - time.monotonic())
 
 
 def token_logprobs(completion: Any, top_k: int) -> list[TokenLogprob] | None:
@@ -46,7 +68,8 @@ def token_logprobs(completion: Any, top_k: int) -> list[TokenLogprob] | None:
 
 
 def build_result(
-    job: CompletionJob | ChatJob, output: Any, *, started_at: float, worker: str, attempt: int
+    job: CompletionJob | ChatJob, output: Any, *, started_at: float, worker: str, attempt: int,
+    enqueued_at: float | None = None, handed_at: float | None = None, outcome: str = "succeeded",
 ) -> JobResult:
     choices = []
     top_k = top_logprobs(job.sampling) or 0
@@ -70,8 +93,10 @@ def build_result(
         choices=choices,
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),
-        timings=Timings(enqueued_at=job.created_at, started_at=started_at,
-                        first_token_at=first_token_at(output), finished_at=time.time()),
+        timings=Timings(enqueued_at=enqueued_at or job.created_at, started_at=started_at, handed_at=handed_at,
+                        scheduled_at=scheduled_at(output), first_token_at=first_token_at(output),
+                        finished_at=time.time()),
         worker=worker,
         attempt=attempt,
+        outcome=outcome,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -10,15 +9,16 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.worker import state
 from pydantic import ValidationError
 
 from producer import keys
-from producer.errors import EngineDead, InvalidJob, WireError
+from producer.errors import EngineDead, InvalidJob, Quarantined, WireError
 from producer.protocol import ChatJob, CompletionJob, JobResult, parse_job
-from worker import failures
+from worker import failures, job_control
 from worker.celery_app import app, holder, settings
+from worker.results import JobStopped
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,6 @@ def invalid_job_from(exc: ValidationError) -> InvalidJob:
     return InvalidJob(field, f"{err['msg']}{more}")
 
 
-def record_attempt(job_id: str) -> tuple[int, dict[str, Any] | None]:
-    """Count the starts of this job (1 on first delivery, 2 after a redelivery, ...), and return
-    its stored result if an earlier delivery already finished it; one Redis round trip."""
-    key = keys.attempt_key(job_id)
-    with app.backend.client.pipeline() as pipe:
-        pipe.incr(key).expire(key, settings.redis.result_ttl_s).get(keys.result_key(job_id))
-        attempt, _, done = pipe.execute()
-    meta = json.loads(done) if done else None
-    return int(attempt), meta["result"] if meta and meta.get("status") == "SUCCESS" else None
-
-
 def forget_blobs(job: CompletionJob | ChatJob) -> None:
     urls = job.image_urls() if isinstance(job, ChatJob) else []
     blob_keys = [key for key in map(keys.blob_key_of, urls) if key is not None]
@@ -55,7 +44,8 @@ def forget_blobs(job: CompletionJob | ChatJob) -> None:
 # The job is validated here rather than with Celery's pydantic=True so that a bad job ends
 # as an InvalidJob naming the field (not a pydantic traceback), and the worker decides.
 # Every ending goes through worker.failures: a typed WireError Celery stores (throws= keeps
-# them out of the error log), or EngineDead, which hands the job back.
+# them out of the error log), or EngineDead, which hands the job back. A job stopped early
+# (cancelled, expired) is stored REVOKED by worker.job_control, and the task ends in Ignore.
 @app.task(name=keys.GENERATE_TASK, bind=True, throws=(WireError,))
 def generate(self: Task, payload: Any) -> dict[str, Any]:
     started_at = time.time()
@@ -63,26 +53,67 @@ def generate(self: Task, payload: Any) -> dict[str, Any]:
         job = parse_job(payload)
     except ValidationError as exc:
         raise invalid_job_from(exc) from None
+    worker = self.request.hostname
     try:
-        attempt, earlier = record_attempt(job.id)
+        pickup = job_control.pick_up(job.id, worker)
     except redis.RedisError as exc:
         # Redis is away: hand the job back. If that fails too, it stays in `unacked` and its
         # lease (no longer renewed once this request is done) brings it back.
         raise Reject(f"Redis unreachable ({exc}); the job goes back to the queue", requeue=True) from None
-    if earlier is not None:
-        return earlier  # delivered again after it finished (e.g. a lost ack): never run twice
+    if pickup.verdict == "done":
+        if pickup.meta.get("status") == "SUCCESS":
+            return pickup.meta["result"]  # delivered again after it finished (e.g. a lost ack): never run twice
+        if pickup.meta.get("status") == "REVOKED":
+            job_control.announce_revoked(self, expired=False)
+        raise Ignore()  # its outcome is stored already (cancelled while queued, say): keep it
+    if pickup.verdict == "cancelled":
+        job_control.mark_cancelled(self, job.id)
+        raise Ignore()
     try:
-        result: JobResult = holder.run_job(job, started_at=started_at, worker=self.request.hostname, attempt=attempt)
+        result: JobResult = holder.run_job(job, started_at=started_at, worker=worker, attempt=pickup.attempt,
+                                           enqueued_at=pickup.enqueued_at)
+    except JobStopped as stopped:
+        forget_blobs(job)
+        job_control.store_stopped(self, job.id, stopped.outcome, None)
+        raise Ignore() from None
     except Exception as exc:
         error = failures.classify(exc)
         if isinstance(error, EngineDead):
             # Hand the job back and stop this worker with a failure code, so that its
-            # supervisor starts a fresh one; no job is failed for the engine's death. Its
-            # image blobs stay for the next attempt.
-            log.error("%s; requeueing job %s and stopping the worker", error, job.id)
+            # supervisor starts a fresh one; no job is failed for the engine's death, unless
+            # the engine died with it in worker.max_engine_deaths times. Its image blobs
+            # stay for the next attempt (and for `vqueue dead retry`).
             state.should_stop = os.EX_SOFTWARE
+            if error.handed:
+                quarantined = _count_death(job.id, payload, str(error), pickup.attempt, worker)
+                if quarantined is not None:
+                    raise quarantined from None
+            log.error("%s; requeueing job %s and stopping the worker", error, job.id)
             raise Reject(str(error), requeue=True) from None
         forget_blobs(job)
         raise error from None
     forget_blobs(job)
+    if result.outcome != "succeeded":
+        job_control.store_stopped(self, job.id, result.outcome, result)
+        raise Ignore()
     return result.model_dump(mode="json")
+
+
+def _count_death(job_id: str, payload: Any, reason: str, attempt: int, worker: str) -> Quarantined | None:
+    """Count this engine death against the job; at ``worker.max_engine_deaths`` the error that
+    fails it for good (and its dead-letter entry), else None: it goes back to the queue."""
+    limit = settings.worker.max_engine_deaths
+    try:
+        deaths = job_control.record_death(job_id, reason)
+    except redis.RedisError:
+        return None  # uncounted: it goes back and may run again, as before quarantine existed
+    if deaths < limit:
+        return None
+    why = (f"the engine died {deaths} times with this job in it (worker.max_engine_deaths = {limit}), over "
+           f"{attempt} attempts; the last: {reason}. It is not delivered again: `vqueue dead` lists it, "
+           f"`vqueue dead retry {job_id}` submits it again")
+    try:
+        job_control.quarantine(job_id, payload, keys.queue_for(settings.model.served_name), worker, why, attempt)
+    except redis.RedisError:
+        log.warning("could not write the dead-letter entry of quarantined job %s", job_id, exc_info=True)
+    return Quarantined(None, why)
