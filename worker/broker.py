@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -125,6 +126,19 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    _sync_client: Any = None
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        # kombu builds a new redis-py client (on the channel's one pool) for every lease write
+        # and every ack: about a tenth of the worker's GIL time in a burst of jobs. One client
+        # per channel does the same on the same pool; redis-py clients are thread-safe.
+        if client:
+            yield client
+            return
+        if self._sync_client is None:
+            self._sync_client = self._create_client()
+        yield self._sync_client
 
     def _brpop_read(self, **options: Any) -> bool:
         try:

@@ -49,6 +49,10 @@ def classify(exc: BaseException, field: str = "job") -> WireError | EngineDead:
     if isinstance(exc, dead):
         return EngineDead(f"vLLM engine died: {exc}")
     if isinstance(exc, invalid):
-        return InvalidJob(job_field(getattr(exc, "parameter", None), field), str(exc))
+        parameter = getattr(exc, "parameter", None)
+        message = str(exc)
+        if parameter == "input_tokens":  # vLLM's renderer: the prompt alone overflows the context
+            message += " The context is the workers' engine.max_model_len: shorten the prompt."
+        return InvalidJob(job_field(parameter, field), message)
     log.warning("job failed in the engine", exc_info=exc)
     return EngineError(None, f"{type(exc).__name__}: {exc}")
