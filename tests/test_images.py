@@ -190,11 +190,12 @@ def test_images_travel_as_blobs_not_inside_the_queued_message(client: Client, re
     job = ChatJob(model="nobody-serves-blobs", messages=[{"role": "user", "content": [image_part(data)]}])
     client.submit(job)
     r = redis_py.Redis.from_url(redis_server.url)
-    [message] = r.lrange(keys.queue_for("nobody-serves-blobs"), 0, -1)
+    queued = keys.priority_list(keys.queue_for("nobody-serves-blobs"), client.settings.queue.default_priority)
+    [message] = r.lrange(queued, 0, -1)
     assert len(message) < 4000 < len(data)  # the 200 kB image is not in the Celery message
     blob = keys.blob_key(job.id, 0)
     assert r.get(blob) == data and 0 < r.ttl(blob) <= client.settings.redis.result_ttl_s
-    r.delete(keys.queue_for("nobody-serves-blobs"), blob)
+    r.delete(queued, blob)
 
 
 def test_blob_is_deleted_when_its_job_ends(worker, client: Client, redis_server) -> None:

@@ -159,7 +159,8 @@ def test_redis_url_with_a_password_works_and_a_wrong_one_is_refused_naming_redis
         with Client(Settings(redis={"url": url})) as client, pytest.raises(BrokerUnavailable) as info:
             client.submit(CompletionJob(model="secured", prompt="x"))
         assert "redis.url" in str(info.value) and "wrong-password" not in str(info.value)
-    assert redis.Redis.from_url(f"redis://:{PASSWORD}@127.0.0.1:{port}/0").llen("vqueue.secured") == 1
+    with Client(Settings(redis={"url": f"redis://:{PASSWORD}@127.0.0.1:{port}/0"})) as client:
+        assert client.queue_length("secured") == 1  # only the first, authenticated submit got through
 
 
 def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
