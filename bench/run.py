@@ -77,6 +77,9 @@ VARIANTS = {"noevents": {"VQUEUE_WORKER__TASK_EVENTS": "false"},
             "gil5ms": {"VQUEUE_WORKER__GIL_SWITCH_INTERVAL_S": "0.005"},
             # Two workers sharing the one GPU, each with an engine share of its memory.
             "x2": {"VQUEUE_WORKER__MAX_IN_FLIGHT": "512"},
+            # Every job carries a deadline (an hour: never reached), so the engine process arms one
+            # timer per job: the cost of deadlines, against plain "queue" in the same call.
+            "deadline": {"VQUEUE_QUEUE__DEFAULT_TIMEOUT_S": "3600"},
             "defaults": {}}  # fmt: skip
 WORKERS = {"x2": 2}
 MODES = ("bare", "queue", "serve")
