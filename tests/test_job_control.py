@@ -102,7 +102,8 @@ def blocked(client: Client, r: redis.Redis) -> Iterator[list[str]]:
     finally:
         client.cancel_many(ids)
         for o in client.as_completed(ids, timeout=120):
-            assert isinstance(o, JobCancelled), o
+            # cancelled, or (on a quick machine) finished just before the cancel reached it
+            assert isinstance(o, JobCancelled | JobResult), o
 
 
 def test_the_envelope_with_priority_and_deadline_is_the_one_kombu_publishes(redis_server) -> None:
