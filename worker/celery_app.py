@@ -14,7 +14,6 @@ import time
 import traceback
 from typing import Any
 
-import redis
 from celery import signals
 from kombu import Queue
 
@@ -63,7 +62,7 @@ if settings.redis.url.startswith(("redis://", "rediss://")):
 holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key))
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
-_leases = LeaseKeeper(redis.Redis.from_url(settings.redis.url), settings.redis.lease_s)
+_leases: LeaseKeeper | None = None
 
 
 @signals.worker_init.connect
@@ -107,7 +106,7 @@ def prestart_pool_threads(executor: Any, n: int) -> None:
 
 @signals.worker_ready.connect
 def _announce(sender: Any = None, **_: Any) -> None:
-    global _heartbeat
+    global _heartbeat, _leases
     limits = settings.engine.limit_mm_per_prompt
     info = WorkerInfo(
         hostname=sender.hostname, served_name=settings.model.served_name, source=settings.model.source,
@@ -118,6 +117,8 @@ def _announce(sender: Any = None, **_: Any) -> None:
     prestart_pool_threads(getattr(sender.pool, "executor", None), settings.worker.max_in_flight)
     _heartbeat = Heartbeat(app.backend.client, info, settings.worker.heartbeat_s)
     _heartbeat.start()
+    # The backend's Redis client (one pool, as the heartbeat's): no client built at import time.
+    _leases = LeaseKeeper(app.backend.client, settings.redis.lease_s)
     _leases.start()
     broker.on_malformed = DeadLetters(
         app.backend.client, lambda job_id, error: app.backend.mark_as_failure(job_id, error),
@@ -130,6 +131,7 @@ def _stop_engine(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
     holder.stop()
-    _leases.stop()  # last: a warm shutdown's jobs kept their leases until they finished
+    if _leases is not None:
+        _leases.stop()  # last: a warm shutdown's jobs kept their leases until they finished
     if _reaper is not None:
         _reaper.terminate()
