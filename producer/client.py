@@ -14,8 +14,17 @@ from typing import Any, Literal
 import redis
 from kombu.exceptions import OperationalError
 
-from producer import keys, records
-from producer.errors import BrokerUnavailable, JobFailed, JobNotFound, JobTimeout, ModelNotServed, QueueFull
+from producer import keys, records, streams
+from producer.errors import (
+    BrokerUnavailable,
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    ModelNotServed,
+    QueueFull,
+)
 from producer.images import move_images_to_blobs
 from producer.outcomes import decode_meta, revoked_error, state_of
 from producer.protocol import (
@@ -26,6 +35,8 @@ from producer.protocol import (
     JobResult,
     ModelInfo,
     QueueStats,
+    StreamChunk,
+    StreamEnd,
     WorkerInfo,
     WorkerLoad,
     parse_job,
@@ -34,6 +45,11 @@ from producer.settings import Settings, get_settings
 from producer.transport import JobPublisher, Outgoing, make_celery
 
 _MGET_CHUNK = 1000
+#: Stream entries one XREAD returns at most.
+_XREAD_COUNT = 1000
+#: How long ``Client.stream`` waits for a stream end once the job's outcome is stored without
+#: one (the worker's writes lag its result, or were lost while Redis was away).
+STREAM_END_GRACE_S = 5.0
 
 AnyJob = CompletionJob | ChatJob
 IfUnserved = Literal["wait", "fail"]
@@ -336,6 +352,73 @@ class Client:
                 raise outcome
             return outcome
         raise AssertionError("unreachable: as_completed yields or raises")
+
+    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[StreamChunk]:
+        """Yield a streaming job's output as it is produced, one ``StreamChunk`` per engine step
+        (``text`` is the new text only), until the job ends; ``timeout`` (seconds, default
+        ``producer.default_timeout_s``) bounds the whole wait, then ``JobTimeout``.
+
+        The job must have been submitted with ``stream=True``. Reading starts at the stream's
+        first entry, so a reader that attaches late (or again) still gets everything. A job that
+        ends other than succeeded raises its error as ``result`` does (``JobFailed``,
+        ``JobCancelled``, ``JobExpired``, with ``.partial``) after its last chunks. Where a
+        worker died mid-job, the job starts over: chunks then come with the next ``attempt``
+        from its first token again, and the earlier attempt's text is to be discarded.
+        ``result`` (after the stream ends) has the usage and timings.
+        """
+        timeout = self.settings.producer.default_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        key = keys.stream_key(job_id)
+        last = "0-0"
+        ended_at: float | None = None  # when the job's outcome was first seen stored with no stream end
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise JobTimeout(job_id, self._where_is(job_id, timeout, 1))
+            block_s = min(deadline - now, self.settings.producer.poll_interval_s)
+            with self._reaching_redis():
+                reply = self._redis.xread({key: last}, count=_XREAD_COUNT, block=max(1, int(block_s * 1000)))
+            if not reply:
+                # Quiet for a while: has the job ended without (yet) a stream end? A job cancelled
+                # or expired while queued never streams; a worker that lost Redis drops entries.
+                with self._reaching_redis():
+                    outcome = decode_meta(job_id, self._redis.get(keys.result_key(job_id)))
+                if outcome is None:
+                    continue
+                if isinstance(outcome, JobFailed) and last == "0-0":
+                    raise outcome  # it ended before it streamed anything (cancelled while queued, say)
+                ended_at = ended_at or time.monotonic()
+                if time.monotonic() - ended_at < STREAM_END_GRACE_S:
+                    continue
+                if isinstance(outcome, JobFailed):
+                    raise outcome
+                if last == "0-0":
+                    raise ValueError(f"job {job_id} succeeded but wrote no stream entries: it was not submitted "
+                                     "with stream=True (set it on the job), or its worker could not reach Redis. "
+                                     "Client.result has its whole output.")
+                return  # its end was lost; every chunk that could be written was (Client.result has it all)
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                entry = streams.decode_entry(fields)
+                if isinstance(entry, StreamEnd):
+                    if entry.outcome != "succeeded":
+                        raise self._stream_failure(job_id, entry)
+                    return
+                yield entry
+
+    def _stream_failure(self, job_id: str, end: StreamEnd) -> JobFailed:
+        """The error of a job whose stream ended ``end.outcome``, read from its stored outcome."""
+        with self._reaching_redis():
+            outcome = decode_meta(job_id, self._redis.get(keys.result_key(job_id)))
+        if isinstance(outcome, JobFailed):
+            return outcome
+        # The stored outcome is gone (older than redis.result_ttl_s) or unreadable: say what the stream said.
+        message = f"the job's stream ended {end.outcome}; its stored outcome is gone"
+        if end.outcome == "cancelled":
+            return JobCancelled(job_id, message)
+        if end.outcome == "expired":
+            return JobExpired(job_id, message)
+        return JobFailed(job_id, "Unknown", message)
 
     def as_completed(self, job_ids: Iterable[str], timeout: float | None = None) -> Iterator[JobResult | JobFailed]:
         """Yield each job's ``JobResult`` (or ``JobFailed``) as it finishes.

@@ -51,6 +51,16 @@ key                                type     holds
                                             (keeps megabytes out of Celery messages, Flower
                                             and the worker's consumer thread); TTL
                                             ``redis.result_ttl_s``, deleted when the job ends
+``vqueue:stream:<job id>``         stream   a streaming job's (``stream=True``) new output
+                                            as it is produced: one entry per engine step,
+                                            field ``data`` = JSON ``StreamChunk`` (attempt;
+                                            choices: index, text delta, token_ids,
+                                            logprobs, finish_reason, stop_reason), then one
+                                            ``StreamEnd`` (``{"end": true, "outcome"}``)
+                                            once the outcome is stored
+                                            (``producer.streams``); TTL
+                                            ``redis.result_ttl_s``, set with the first
+                                            entries and renewed with each write
 ``vqueue:dead-letters``            list     messages no worker could read, and quarantined
                                             jobs (JSON ``DeadLetter``: kind, reason, queue,
                                             job id, the first raw bytes in base64),
@@ -83,6 +93,7 @@ UNACKED_INDEX_KEY = "unacked_index"
 UNACKED_MUTEX_KEY = "unacked_mutex"
 BLOB_KEY_PREFIX = "vqueue:blob:"
 JOB_KEY_PREFIX = "vqueue:job:"
+STREAM_KEY_PREFIX = "vqueue:stream:"
 CANCEL_KEY_PREFIX = "vqueue:cancel:"
 #: The pub/sub channel cancelled job ids are published on (see ``worker.job_control``).
 CANCEL_CHANNEL = "vqueue:cancel"
@@ -124,6 +135,11 @@ def queue_of_list(name: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def stream_key(job_id: str) -> str:
+    """The Redis stream a streaming job's output is written to as it is produced."""
+    return f"{STREAM_KEY_PREFIX}{job_id}"
 
 
 def cancel_key(job_id: str) -> str:

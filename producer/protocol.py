@@ -164,6 +164,10 @@ class _Job(_Strict):
     timeout_s: float | None = Field(None, gt=0)
     #: The same as an absolute time, epoch seconds. Neither: ``queue.default_timeout_s``.
     deadline: float | None = Field(None, gt=0)
+    #: Publish the job's new tokens as they are produced, each engine step's as one entry of
+    #: the Redis stream ``vqueue:stream:<id>`` (``Client.stream`` reads it; ``producer.streams``).
+    #: The result is the same as without it. False: only the final result, nothing per token.
+    stream: bool = False
 
     @model_validator(mode="after")
     def _one_deadline(self) -> _Job:
@@ -307,6 +311,43 @@ class JobResult(_Lenient):
     @property
     def finish_reason(self) -> FinishReason:
         return self.choices[0].finish_reason
+
+
+class StreamChoice(_Lenient):
+    """What one choice produced in one engine step: ``text`` is the new text only (the delta)."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    #: Set on the choice's last chunk ("stop", "length", "abort"), else None.
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class StreamChunk(_Lenient):
+    """One entry of a streaming job's stream: what one engine step produced for it.
+
+    ``choices`` holds only the choices that produced output in that step (with ``n`` > 1 not
+    every index is in every chunk). Joined in order, a choice's chunks are its result's text,
+    token ids and logprobs. ``attempt`` is the job's attempt: where a worker died mid-job the
+    job starts over elsewhere, and its chunks then carry the next attempt from the first token
+    again; a reader that sees the attempt go up discards what it had of the earlier one.
+    """
+
+    attempt: int = 1
+    choices: list[StreamChoice]
+
+
+StreamOutcome = Literal["succeeded", "failed", "cancelled", "expired"]
+
+
+class StreamEnd(_Lenient):
+    """The last entry of a job's stream, written once its outcome is stored: a reader that sees
+    it can read the result (``Client.result``: usage, timings) or the job's error at once."""
+
+    end: Literal[True] = True
+    outcome: StreamOutcome
 
 
 class WorkerInfo(_Lenient):

@@ -21,7 +21,7 @@ from producer import keys
 from producer.protocol import WorkerInfo
 from producer.settings import get_settings
 from producer.transport import make_celery
-from worker import broker
+from worker import broker, streaming
 from worker.dead_letters import DeadLetters
 from worker.engine import EngineHolder
 from worker.leases import LeaseKeeper
@@ -59,7 +59,10 @@ if settings.redis.url.startswith(("redis://", "rediss://")):
     # kombu's Redis transport, but no message can stop the consumer (worker.broker says why).
     app.conf.broker_transport = broker.TRANSPORT
 
-holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key))
+# Streamed jobs' chunks go from the engine's results reader to one writer thread (worker.streaming).
+streaming.writer = streaming.StreamWriter(lambda: app.backend.client, settings.redis.result_ttl_s)
+holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key),
+                      on_chunk=streaming.writer.chunk)
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
 _leases: LeaseKeeper | None = None

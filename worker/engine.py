@@ -19,11 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from producer.errors import EngineDead
-from producer.protocol import ChatJob, CompletionJob, JobResult
+from producer.protocol import ChatJob, CompletionJob, JobResult, StreamChunk
 from producer.settings import Settings
 from worker import media
 from worker.framing import SyncChannel
@@ -48,9 +49,13 @@ class EngineHolder:
     ``InvalidJob`` for a job the engine refuses and ``EngineDead`` once the engine died.
     """
 
-    def __init__(self, settings: Settings, blob_reader: media.BlobReader | None = None) -> None:
+    def __init__(self, settings: Settings, blob_reader: media.BlobReader | None = None,
+                 on_chunk: Callable[[str, StreamChunk], None] | None = None) -> None:
         self.settings = settings
         self._blob_reader = blob_reader or (lambda key: None)
+        #: Takes each stream chunk of a streamed job (job id, chunk), on the results reader
+        #: thread: it must not block (``worker.streaming.StreamWriter.chunk`` only queues).
+        self._on_chunk = on_chunk
         self.dead = False
         self.multimodal = False
         self._proc: subprocess.Popen | None = None
@@ -223,6 +228,11 @@ class EngineHolder:
                 break
             if kind == "pong":
                 self._last_pong = time.monotonic()
+                continue
+            if kind == "chunk":
+                # Before the job's "done" on this channel: its chunks are queued before its result.
+                if self._on_chunk is not None:
+                    self._on_chunk(*payload)
                 continue
             if kind == "dead":
                 self._declare_dead("the engine reports itself dead (vLLM's EngineCore errored)")

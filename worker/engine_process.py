@@ -24,10 +24,11 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from producer.errors import EngineError, InvalidJob
-from producer.protocol import ChatJob, CompletionJob, JobResult
+from producer.protocol import ChatJob, CompletionJob, JobResult, StreamChunk
 from producer.settings import Settings
 from worker import failures, prompts, results, sampling
 from worker.framing import AsyncChannel
@@ -194,7 +195,10 @@ class EngineRunner:
 
     async def run(self, job: CompletionJob | ChatJob, messages: list[dict[str, Any]] | None, *,
                   started_at: float, worker: str, attempt: int, live: Live | None = None,
-                  enqueued_at: float | None = None) -> JobResult:
+                  enqueued_at: float | None = None,
+                  on_chunk: Callable[[StreamChunk], None] | None = None) -> JobResult:
+        """Run one job to its result; a streamed job (``job.stream``) also hands each step's
+        new output to ``on_chunk`` as it comes."""
         live = live or Live()
         served = self.settings.model.served_name
         if job.model != served:
@@ -213,7 +217,7 @@ class EngineRunner:
             try:
                 params = sampling.to_sampling_params(
                     job.sampling, prompts.prompt_length(prompt), self.settings.engine.max_model_len,
-                    self.model_defaults
+                    self.model_defaults, stream=job.stream,
                 )
             except Exception as exc:
                 raise failures.classify(exc, "sampling") from None
@@ -224,11 +228,18 @@ class EngineRunner:
                 # vLLM runs a lower number first; vqueue a higher one.
                 extra["priority"] = 9 - (job.priority if job.priority is not None else 5)
             final = None
+            # A streamed job's outputs are deltas: each becomes a chunk, and they are joined
+            # here again for its result (vLLM merges the deltas of steps this loop fell behind).
+            joiner = results.DeltaJoiner(sampling.top_logprobs(job.sampling) or 0, attempt) if job.stream else None
             live.request_id = request_id
             handed_at = time.time()
             try:
                 async for output in self.engine.generate(prompt, params, request_id=request_id, **extra):
                     final = output
+                    if joiner is not None:
+                        chunk = joiner.add(output)
+                        if chunk is not None and on_chunk is not None:
+                            on_chunk(chunk)
             except Exception as exc:
                 raise failures.classify(exc) from None
         finally:
@@ -239,10 +250,12 @@ class EngineRunner:
             if live.reason is not None:  # an engine that ends an aborted request without a final output
                 raise JobStopped(live.reason)
             raise EngineError(None, f"the engine ended request {request_id} without a final output")
-        aborted = any(c.finish_reason == "abort" for c in final.outputs)
+        completions = joiner.completions() if joiner is not None else None
+        aborted = any(c.finish_reason == "abort" for c in (completions or final.outputs))
         outcome = live.reason if aborted and live.reason is not None else "succeeded"
         return results.build_result(job, final, started_at=started_at, worker=worker, attempt=attempt,
-                                    enqueued_at=enqueued_at, handed_at=handed_at, outcome=outcome)
+                                    enqueued_at=enqueued_at, handed_at=handed_at, outcome=outcome,
+                                    completions=completions)
 
     def _expire(self, live: Live) -> None:
         if live.reason is None:
@@ -289,9 +302,17 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-async def _run_one(runner: EngineRunner, channel: AsyncChannel, request_id: int, *args: Any, **kwargs: Any) -> None:
+async def _run_one(runner: EngineRunner, channel: AsyncChannel, request_id: int, job: CompletionJob | ChatJob,
+                   *args: Any, **kwargs: Any) -> None:
+    def send_chunk(chunk: StreamChunk) -> None:
+        # On the same channel as the job's "done", before it: the worker queues a job's chunks
+        # for writing before it stores the result, and its stream end (on the same writer) after.
+        channel.send(("chunk", request_id, (job.id, chunk)))
+
     try:
-        channel.send(("done", request_id, await runner.run(*args, live=runner.admit(request_id), **kwargs)))
+        result = await runner.run(job, *args, live=runner.admit(request_id),
+                                  on_chunk=send_chunk if job.stream else None, **kwargs)
+        channel.send(("done", request_id, result))
     except JobStopped as stopped:
         channel.send(("error", request_id, stopped))
     except Exception as exc:

@@ -1,8 +1,10 @@
-"""Turning the engine's final ``RequestOutput`` into the protocol's ``JobResult``."""
+"""Turning the engine's final ``RequestOutput`` into the protocol's ``JobResult``, and a
+streamed job's per-step outputs into its stream chunks."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from producer.protocol import (
@@ -12,6 +14,8 @@ from producer.protocol import (
     CompletionJob,
     FinishReason,
     JobResult,
+    StreamChoice,
+    StreamChunk,
     Timings,
     TokenLogprob,
     TopLogprob,
@@ -67,25 +71,87 @@ def token_logprobs(completion: Any, top_k: int) -> list[TokenLogprob] | None:
     return out
 
 
+@dataclass
+class Completion:
+    """One choice's output, as vLLM's ``CompletionOutput`` but with its logprobs in protocol form."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+def completions_of(output: Any, top_k: int) -> list[Completion]:
+    """Each choice in ``output`` (vLLM's ``RequestOutput``), in index order."""
+    return [Completion(c.index, c.text, c.token_ids, token_logprobs(c, top_k), c.finish_reason, c.stop_reason)
+            for c in sorted(output.outputs, key=lambda c: c.index)]  # fmt: skip
+
+
+class DeltaJoiner:
+    """A streamed job's outputs (vLLM's ``RequestOutputKind.DELTA``: each holds only what the
+    step produced) turned into stream chunks, and joined again into whole choices for the
+    result, which must be the same as without streaming."""
+
+    def __init__(self, top_k: int, attempt: int) -> None:
+        self.top_k = top_k
+        self.attempt = attempt
+        #: Per choice index: its text pieces (joined once, at the end) and its whole so far.
+        self._texts: dict[int, list[str]] = {}
+        self._joined: dict[int, Completion] = {}
+
+    def add(self, output: Any) -> StreamChunk | None:
+        """The chunk for one delta output (None if it holds nothing new), joined into the whole."""
+        choices = []
+        for delta in completions_of(output, self.top_k):
+            if not delta.token_ids and not delta.text and delta.finish_reason is None:
+                continue
+            choices.append(StreamChoice(index=delta.index, text=delta.text, token_ids=delta.token_ids,
+                                        logprobs=delta.logprobs, finish_reason=delta.finish_reason,
+                                        stop_reason=delta.stop_reason))  # fmt: skip
+            whole = self._joined.get(delta.index)
+            if whole is None:
+                whole = self._joined[delta.index] = Completion(delta.index, "", [], None, None, None)
+                self._texts[delta.index] = []
+            self._texts[delta.index].append(delta.text)
+            whole.token_ids.extend(delta.token_ids)
+            if delta.logprobs is not None:
+                whole.logprobs = whole.logprobs or []
+                whole.logprobs.extend(delta.logprobs)
+            whole.finish_reason, whole.stop_reason = delta.finish_reason, delta.stop_reason
+        return StreamChunk(attempt=self.attempt, choices=choices) if choices else None
+
+    def completions(self) -> list[Completion]:
+        """Every choice joined whole, in index order."""
+        for index, whole in self._joined.items():
+            whole.text = "".join(self._texts[index])
+        return [self._joined[i] for i in sorted(self._joined)]
+
+
 def build_result(
     job: CompletionJob | ChatJob, output: Any, *, started_at: float, worker: str, attempt: int,
     enqueued_at: float | None = None, handed_at: float | None = None, outcome: str = "succeeded",
+    completions: list[Completion] | None = None,
 ) -> JobResult:
+    """The job's result from the engine's final ``output`` (prompt, timings); its choices from
+    ``output`` too, or from ``completions`` where they were joined from deltas (streamed jobs)."""
+    if completions is None:
+        completions = completions_of(output, top_logprobs(job.sampling) or 0)
     choices = []
-    top_k = top_logprobs(job.sampling) or 0
-    for completion in sorted(output.outputs, key=lambda c: c.index):
+    for completion in completions:
         common = {
             "index": completion.index,
             "finish_reason": FinishReason(completion.finish_reason or "abort"),
             "stop_reason": completion.stop_reason,
-            "logprobs": token_logprobs(completion, top_k),
+            "logprobs": completion.logprobs,
         }
         if isinstance(job, ChatJob):
             choices.append(Choice(message=AssistantMessage(content=completion.text), **common))
         else:
             choices.append(Choice(text=completion.text, **common))
     prompt_tokens = len(output.prompt_token_ids or [])
-    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+    completion_tokens = sum(len(c.token_ids) for c in completions)
     return JobResult(
         id=job.id,
         model=job.model,

@@ -33,7 +33,8 @@ def top_logprobs(sampling: Sampling) -> int | None:
 
 
 def to_sampling_params(
-    sampling: Sampling, prompt_tokens: int, max_model_len: int, model_defaults: dict[str, Any]
+    sampling: Sampling, prompt_tokens: int, max_model_len: int, model_defaults: dict[str, Any],
+    stream: bool = False,
 ) -> Any:
     """SamplingParams for one job.
 
@@ -71,8 +72,9 @@ def to_sampling_params(
         logit_bias=sampling.logit_bias or None,
         skip_special_tokens=sampling.skip_special_tokens,
         structured_outputs=structured_outputs(sampling.response_format),
-        # Jobs are not streamed: one output per request, not one per token, spares the
-        # worker's Python thread the per-token work.
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        # A job that is not streamed gets one output, not one per step: that spares the engine
+        # process's loop the per-token work. A streamed one gets each step's new tokens only
+        # (DELTA), which is what its stream entries carry; the engine process joins them.
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         **kwargs,
     )
