@@ -6,6 +6,7 @@
     vqueue cancel JOB_ID...          vqueue show JOB_ID
     vqueue queue [--json]            vqueue queue purge MODEL
     vqueue dead                      vqueue dead retry JOB_ID / vqueue dead purge
+    vqueue gateway [--port 8000]     the OpenAI-compatible HTTP API
 """
 
 from __future__ import annotations
@@ -374,6 +375,33 @@ def queue_purge(
             typer.confirm(f"Cancel all {client.queue_length(model)} jobs waiting for {model!r}?", abort=True)
         purged = client.purge(model)
     err.print(f"purged {len(purged)} jobs from {model!r}")
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (settings: gateway.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (settings: gateway.port).")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (settings: gateway.workers).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible HTTP API (vLLM's /v1/models, /v1/completions, /v1/chat/completions)."""
+    import os
+
+    try:
+        import uvicorn
+    except ImportError:
+        err.print('the gateway needs FastAPI and uvicorn: pip install "vqueue[gateway]"')
+        raise typer.Exit(2) from None
+    # Flags travel as settings in the environment, so uvicorn's worker processes read them too.
+    for name, value in (("HOST", host), ("PORT", port), ("WORKERS", workers)):
+        if value is not None:
+            os.environ[f"VQUEUE_GATEWAY__{name}"] = str(value)
+    get_settings.cache_clear()
+    g = get_settings().gateway
+    err.print(f"vqueue gateway on http://{g.host}:{g.port}/v1 ({g.workers} worker(s); "
+              f"{'API keys required' if g.api_keys else 'no API key required'})")
+    uvicorn.run("gateway.app:create_app", factory=True, host=g.host, port=g.port, workers=g.workers,
+                log_level=log_level)
 
 
 def main() -> None:

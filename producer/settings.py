@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -163,9 +163,29 @@ class ProducerSettings(_Section):
     argsrepr_chars: int = Field(200, ge=0)
 
 
+class GatewaySettings(_Section):
+    """``vqueue gateway``: the OpenAI-compatible HTTP front (``gateway/``)."""
+
+    #: Loopback by default; 0.0.0.0 to listen on every interface (then set api_keys).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    #: uvicorn worker processes; each holds one Redis pool and one pub/sub connection.
+    workers: int = Field(1, ge=1)
+    #: Bearer keys that /v1/* accepts; none (the default) means no check, as `vllm serve`
+    #: without --api-key. Give them by environment (VQUEUE_GATEWAY__API_KEYS='["k1"]'), not in a file.
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    #: How long a request waits for its job when its body sets no ``timeout_s``: then the job is
+    #: cancelled and the answer is 504 naming it.
+    request_timeout_s: float = Field(600.0, gt=0)
+    #: The Retry-After (seconds) of a 429 (queue.max_backlog reached).
+    retry_after_s: int = Field(1, ge=0)
+    #: How long the list of served models (live workers) is reused before Redis is asked again.
+    models_cache_s: float = Field(1.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Every setting of vqueue, in sections (``redis``, ``model``, ``engine``, ``worker``,
-    ``producer``, ``queue``). Build one directly in tests: ``Settings(redis={"url": ...})``."""
+    ``producer``, ``queue``, ``gateway``). Build one directly in tests: ``Settings(redis={"url": ...})``."""
 
     model_config = SettingsConfigDict(
         env_prefix="VQUEUE_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
@@ -179,6 +199,7 @@ class Settings(BaseSettings):
     producer: ProducerSettings = ProducerSettings()
     queue: QueueSettings = QueueSettings()
     testing: TestingSettings = TestingSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @model_validator(mode="after")
     def _engine_ping_within_lease(self) -> Settings:

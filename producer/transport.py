@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import redis
+import redis.asyncio
 from celery import Celery
 
 from producer import keys
@@ -114,7 +115,12 @@ class JobPublisher:
         self._client = client
         self._declared: set[str] = set()
 
-    def _declare(self, queue: str) -> None:
+    def declared(self, queue: str) -> bool:
+        return queue in self._declared
+
+    def declare(self, queue: str) -> None:
+        """Declare ``queue`` through kombu (its bindings), once per publisher. Blocking I/O:
+        async code runs it in a thread, once per queue (``producer.aio``)."""
         if queue not in self._declared:
             with self._app.producer_or_acquire() as producer:
                 producer.maybe_declare(self._app.amqp.queues[queue])
@@ -141,23 +147,30 @@ class JobPublisher:
             "properties": properties,
         })  # fmt: skip
 
+    def stage(self, pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline, m: Outgoing, blob_ttl_s: int) -> int:
+        """Add ``m``'s writes to ``pipe``: its blobs before its message, its record (``enqueued_at``
+        stamped now) with it, the message on the list of its priority. Returns the commands added.
+        Both redis-py pipelines (sync and asyncio) buffer commands without I/O, so ``Client``
+        and ``producer.aio.AsyncClient`` send the same writes; the queue must be declared."""
+        for key, data in m.blobs:
+            pipe.set(key, data, ex=blob_ttl_s)
+        envelope = self.envelope(m.task, m.job_id, m.queue, m.payload, m.argsrepr, m.priority, m.deadline)
+        added = len(m.blobs) + 1
+        if m.record is not None:
+            record_key = keys.job_key(m.job_id)
+            pipe.hset(record_key, mapping={**m.record, "enqueued_at": repr(time.time())})
+            pipe.expire(record_key, blob_ttl_s)
+            added += 2
+        pipe.lpush(keys.priority_list(m.queue, m.priority), envelope)
+        return added
+
     def publish(self, messages: Iterable[Outgoing], blob_ttl_s: int, chunk: int = 1000) -> None:
-        """Send ``messages`` in order; each one's blobs are written before it is queued, its
-        record (``enqueued_at`` stamped now) with it, to the list of its priority."""
+        """Send ``messages`` in order, in pipelines of about ``chunk`` commands (``stage``)."""
         with self._client.pipeline(transaction=False) as pipe:
             pending = 0
             for m in messages:
-                self._declare(m.queue)
-                for key, data in m.blobs:
-                    pipe.set(key, data, ex=blob_ttl_s)
-                envelope = self.envelope(m.task, m.job_id, m.queue, m.payload, m.argsrepr, m.priority, m.deadline)
-                if m.record is not None:
-                    record_key = keys.job_key(m.job_id)
-                    pipe.hset(record_key, mapping={**m.record, "enqueued_at": repr(time.time())})
-                    pipe.expire(record_key, blob_ttl_s)
-                    pending += 2
-                pipe.lpush(keys.priority_list(m.queue, m.priority), envelope)
-                pending += 1 + len(m.blobs)
+                self.declare(m.queue)
+                pending += self.stage(pipe, m, blob_ttl_s)
                 if pending >= chunk:
                     pipe.execute()
                     pending = 0
