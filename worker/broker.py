@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
 
 from producer import keys
@@ -114,6 +115,7 @@ class QoS(kombu_redis.QoS):
         try:
             super().ack(delivery_tag)
         except Exception as exc:  # the channel's connection is gone (AttributeError) or Redis is away
+            self._forget(delivery_tag)
             log.warning("could not ack %s (%s: %s); its lease brings it back and its stored result is returned",
                         delivery_tag, type(exc).__name__, exc)
 
@@ -121,7 +123,15 @@ class QoS(kombu_redis.QoS):
         try:
             super().reject(delivery_tag, requeue=requeue)
         except Exception as exc:
+            self._forget(delivery_tag)
             log.warning("could not reject %s (%s: %s); its lease brings it back", delivery_tag, type(exc).__name__, exc)
+
+    def _forget(self, delivery_tag: str) -> None:
+        # kombu frees the message's prefetch slot only after the Redis write succeeded; a tag
+        # left behind here would hold its slot for the worker's life: after N failed acks the
+        # worker would take N fewer jobs at a time. The job itself is this worker's no longer:
+        # its lease brings it back.
+        kombu_virtual.QoS.ack(self, delivery_tag)
 
 
 class Channel(kombu_redis.Channel):
