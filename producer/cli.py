@@ -54,6 +54,8 @@ Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)."
 Wait = Annotated[bool, typer.Option(help="Wait for the result; --no-wait prints the job id only.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the result (settings: producer.default_timeout_s).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")]
+StreamOpt = Annotated[bool, typer.Option("--stream", help="Print the text as it is produced (the job streams its "
+                                         "tokens through Redis), then the usage.")]
 class IfUnserved(StrEnum):
     wait = "wait"
     fail = "fail"
@@ -80,21 +82,25 @@ def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | 
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or [])
 
 
-def _print(result: JobResult, as_json: bool) -> None:
+def _print(result: JobResult, as_json: bool, text: bool = True) -> None:
     if as_json:
         out.print_json(result.model_dump_json())
         return
-    out.print(result.text, markup=False, highlight=False)
+    if text:  # False after --stream printed it
+        out.print(result.text, markup=False, highlight=False)
     u = result.usage
     err.print(f"[dim]{result.id} {result.finish_reason.value} · prompt {u.prompt_tokens} + completion "
               f"{u.completion_tokens} = {u.total_tokens} tokens · {result.worker}[/dim]")
 
 
 def _submit_and_show(
-    make_job: Callable[[], CompletionJob | ChatJob], wait: bool, timeout: float, as_json: bool, if_unserved: IfUnserved
+    make_job: Callable[[], CompletionJob | ChatJob], wait: bool, timeout: float, as_json: bool, if_unserved: IfUnserved,
+    stream: bool = False,
 ) -> None:
     try:
         job = make_job()
+        if stream:
+            job = job.model_copy(update={"stream": True})
     except (ValidationError, InvalidJob) as exc:
         err.print(f"[red]invalid job:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -110,16 +116,34 @@ def _submit_and_show(
         if not wait:
             out.print(job_id)
             return
-        _wait(client, job_id, timeout, as_json)
+        if stream:
+            _stream(client, job_id, timeout)
+        _wait(client, job_id, timeout, as_json and not stream, text=not stream)
 
 
-def _wait(client: Client, job_id: str, timeout: float, as_json: bool) -> None:
+def _stream(client: Client, job_id: str, timeout: float) -> None:
+    """Print the job's text as it is produced (first choice), then its usage line (from ``_wait``)."""
+    attempt = None
     try:
-        _print(client.result(job_id, timeout=timeout), as_json)
+        for chunk in client.stream(job_id, timeout=timeout):
+            if attempt is not None and chunk.attempt != attempt:
+                err.print(f"\n[yellow]the job started over on another worker (attempt {chunk.attempt}):[/yellow]")
+            attempt = chunk.attempt
+            for choice in chunk.choices:
+                if choice.index == 0:
+                    out.out(choice.text, end="", highlight=False)
+        out.out("")
+    except JobFailed:
+        out.out("")  # _wait reports it, with its partial output
+
+
+def _wait(client: Client, job_id: str, timeout: float, as_json: bool, text: bool = True) -> None:
+    try:
+        _print(client.result(job_id, timeout=timeout), as_json, text)
     except JobFailed as exc:
         partial = getattr(exc, "partial", None)
         if partial is not None:
-            _print(partial, as_json)
+            _print(partial, as_json, text)
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     except JobTimeout as exc:
@@ -142,12 +166,13 @@ def complete(
     if_unserved: IfUnservedOpt = IfUnserved.wait,
     priority: Priority = None,
     job_timeout: JobTimeoutS = None,
+    stream: StreamOpt = False,
 ) -> None:
     """Enqueue a completion job (as /v1/completions) and print its text."""
     _submit_and_show(
         lambda: CompletionJob(model=model, prompt=prompt, priority=priority, timeout_s=job_timeout,
                               sampling=_sampling(max_tokens, temperature, top_p, seed, stop)),
-        wait, timeout, as_json, if_unserved,
+        wait, timeout, as_json, if_unserved, stream,
     )
 
 
@@ -168,6 +193,7 @@ def chat(
     if_unserved: IfUnservedOpt = IfUnserved.wait,
     priority: Priority = None,
     job_timeout: JobTimeoutS = None,
+    stream: StreamOpt = False,
 ) -> None:
     """Enqueue a chat job (as /v1/chat/completions) and print the assistant's reply."""
 
@@ -181,7 +207,7 @@ def chat(
         return ChatJob(model=model, messages=messages, priority=priority, timeout_s=job_timeout,
                        sampling=_sampling(max_tokens, temperature, top_p, seed, stop))
 
-    _submit_and_show(make, wait, timeout, as_json, if_unserved)
+    _submit_and_show(make, wait, timeout, as_json, if_unserved, stream)
 
 
 def _data_uri(path: Path) -> str:
