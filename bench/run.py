@@ -5,6 +5,8 @@
          serving them; timed from the first submit to the last result read
   serve: `vllm serve` with the same engine arguments, driven at the same concurrency by an
          async HTTP client (all requests at once; one at a time for C)
+  gateway: the queue behind `vqueue gateway` (OpenAI HTTP), driven by the serve mode's client
+         at the same concurrency; workload C reports what it adds over the queue
   variants: queue:noevents, queue:gil5ms, queue:x2 (two workers), queue:defaults and
          serve:defaults (each product with its own default settings; see VARIANTS)
 
@@ -82,7 +84,7 @@ VARIANTS = {"noevents": {"VQUEUE_WORKER__TASK_EVENTS": "false"},
             "deadline": {"VQUEUE_QUEUE__DEFAULT_TIMEOUT_S": "3600"},
             "defaults": {}}  # fmt: skip
 WORKERS = {"x2": 2}
-MODES = ("bare", "queue", "serve")
+MODES = ("bare", "queue", "serve", "gateway")
 
 
 def mode_env(args: argparse.Namespace, redis_url: str = "redis://127.0.0.1:1/0", variant: str = "") -> dict[str, str]:
@@ -229,6 +231,37 @@ class Queue:
 
     def close(self) -> None:
         self.stack.close()
+
+
+# -- gateway ------------------------------------------------------------------------------
+
+
+class Gateway(Queue):
+    """The queue (its own redis-server and worker) behind `vqueue gateway`, driven over HTTP by
+    the serve mode's client at the serve mode's concurrency: what an OpenAI client sees."""
+
+    def wait_ready(self) -> None:
+        super().wait_ready()
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = self.workdir / f"gateway{self.variant}.log"
+        cmd = [sys.executable, "-m", "gateway", "--port", str(port), "--log-level", "warning"]
+        log(f"gateway{self.variant}: {shlex.join(cmd)}")
+        with open(self.log_path, "wb") as f:
+            proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.stack.callback(lambda: (proc.terminate(), proc.wait(30)))
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"gateway exited ({proc.returncode}); see {self.log_path}")
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+
+    def run(self, w: Workload, seed: int, n: int | None = None) -> dict:
+        return asyncio.run(serve_workload(self.base, w, seed, n))
 
 
 # -- serve --------------------------------------------------------------------------------
@@ -419,6 +452,10 @@ def ratios(summary: dict, workload: str) -> dict:
     if "queue-defaults" in summary and "serve-defaults" in summary:
         q, s = (summary[m]["output_tokens_per_s"]["median"] for m in ("queue-defaults", "serve-defaults"))
         out["queue-defaults/serve-defaults"] = round(q / s, 4)
+    if workload == "C" and "gateway" in summary and "queue" in summary:
+        for q in ("p50", "p99"):
+            added = summary["gateway"][f"latency_{q}_s"] - summary["queue"][f"latency_{q}_s"]
+            out[f"gateway_over_queue_added_latency_{q}_ms"] = round(added * 1000, 2)
     if workload == "C":
         for mode in (m for m in summary if m != "bare" and "bare" in summary):
             for q in ("p50", "p99"):
@@ -466,7 +503,7 @@ def main() -> None:
         "repeats": args.repeats, "order": "interleaved: every round runs each mode once, in --modes order",
         "modes": {},
     }  # fmt: skip
-    kinds = {"bare": Bare, "queue": Queue, "serve": Serve}
+    kinds = {"bare": Bare, "queue": Queue, "serve": Serve, "gateway": Gateway}
     results: dict[str, dict] = {}  # workload -> mode -> {"warmup": ..., "runs": [...]}
     with contextlib.ExitStack() as stack:
         runners = {}

@@ -198,6 +198,33 @@ async def outcome_or_gone(gateway: Gateway, request: Request, job_id: str, timeo
     return outcome
 
 
+async def first_chunk_or_gone(gateway: Gateway, request: Request, job_id: str,
+                              chunks: AsyncIterator[StreamChunk]) -> StreamChunk | None:
+    """The stream's first chunk (None: it ended without one); errors, a timeout or the client going
+    away as in ``outcome_or_gone``."""
+    first = asyncio.ensure_future(anext(chunks))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (first, gone):
+            if not task.done():
+                task.cancel()
+    if not first.done():
+        gateway.cancel_later(job_id, "the client disconnected before the first token")
+        raise ApiError(499, "ClientClosedRequest", f"client closed the request; job {job_id} cancelled")
+    try:
+        return first.result()
+    except StopAsyncIteration:
+        return None
+    except JobTimeout:
+        gateway.cancel_later(job_id, "no output within the request's timeout")
+        raise ApiError(504, "GatewayTimeoutError", f"job {job_id} produced nothing within the request's timeout; it "
+                       "was cancelled. Give the request a longer `timeout_s`.") from None
+    except JobFailed as exc:
+        raise failure(exc) from None
+
+
 def failure(exc: JobFailed) -> ApiError:
     """A job's failure as the status an OpenAI client branches on."""
     if isinstance(exc, JobExpired):
@@ -254,10 +281,17 @@ class _Streamer:
         out["token_ids"] = None
         return out
 
-    async def events(self) -> AsyncIterator[str]:
+    async def events(self, first: StreamChunk | None, rest: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
         job_id = self.job.id
         finished = False
         attempt: int | None = None
+
+        async def chunks() -> AsyncIterator[StreamChunk]:
+            if first is not None:
+                yield first
+                async for chunk in rest:
+                    yield chunk
+
         try:
             if self.chat:
                 for i in range(self.job.sampling.n):
@@ -265,8 +299,7 @@ class _Streamer:
                                                           "logprobs": None, "finish_reason": None}],
                                 "prompt_token_ids": None, "prompt_text": None})
             include_usage = self.body.include_usage
-            chunk: StreamChunk
-            async for chunk in self.gateway.client.stream(job_id, wait_s(self.gateway, self.body)):
+            async for chunk in chunks():
                 if attempt is not None and chunk.attempt != attempt:
                     # Its worker died and it started over: what was sent cannot be taken back.
                     raise ApiError(500, "InternalServerError", f"job {job_id} started over on another worker "
@@ -328,7 +361,11 @@ async def _run(request: Request, kind: type[protocol._Request]) -> Response:
     if body.stream:
         job = job.model_copy(update={"stream": True})
         await submit(gateway, job)
-        return StreamingResponse(_Streamer(gateway, body, job, response_id, created).events(),
+        chunks = gateway.client.stream(job_id, wait_s(gateway, body))
+        # The answer starts with the job's first output: a job that fails first (a prompt over the
+        # context, say) is a plain JSON error with its status, as vLLM's, not a 200 stream.
+        first = await first_chunk_or_gone(gateway, request, job_id, chunks)
+        return StreamingResponse(_Streamer(gateway, body, job, response_id, created).events(first, chunks),
                                  media_type="text/event-stream")
     await submit(gateway, job)
     result = await outcome_or_gone(gateway, request, job_id, wait_s(gateway, body))

@@ -13,8 +13,9 @@ has no value): the parity test (tests/test_parity.py) holds them to ``vllm serve
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -26,20 +27,21 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 #: vLLM treats a temperature below this as greedy.
 GREEDY_BELOW = 1e-5
 
-#: Parameters vLLM accepts that vqueue does not carry: accepted when absent or at this value.
-AT_DEFAULT_ONLY: dict[str, Any] = {
-    "echo": False, "suffix": None, "use_beam_search": False, "length_penalty": 1.0, "watermarking": False,
-    "spaces_between_special_tokens": True, "truncation_side": None, "allowed_token_ids": None,
-    "prompt_logprobs": None, "logprob_token_ids": None, "bad_words": [], "prompt_embeds": None,
-    "add_special_tokens": None, "structured_outputs": None, "return_tokens_as_token_ids": False,
-    "return_token_ids": False, "return_token_offsets": False, "return_prompt_text": False, "cache_salt": None,
-    "kv_transfer_params": None, "ec_transfer_params": None, "vllm_xargs": None, "repetition_detection": None,
-    "thinking_token_budget": None, "mm_payload": "tensors", "return_mm_kwargs": None,
-    "routed_experts_prompt_start": 0,
-    # chat only
-    "tools": [], "tool_choice": "none", "reasoning_effort": None, "include_reasoning": True,
-    "add_generation_prompt": True, "continue_final_message": False, "documents": None, "chat_template": None,
-    "chat_template_kwargs": None, "media_io_kwargs": None, "mm_processor_kwargs": None,
+#: Parameters vLLM accepts that vqueue does not carry: accepted when absent, null or one of these
+#: values (vLLM's defaults, or what is the same without that feature), else a 400 naming them.
+AT_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "echo": (False,), "suffix": (), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "watermarking": (False,), "spaces_between_special_tokens": (True,), "truncation_side": (),
+    "allowed_token_ids": (), "prompt_logprobs": (), "logprob_token_ids": (), "bad_words": ([],),
+    "prompt_embeds": (), "structured_outputs": (), "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,), "return_token_offsets": (False,), "return_prompt_text": (False,),
+    "cache_salt": (), "kv_transfer_params": (), "ec_transfer_params": (), "vllm_xargs": (),
+    "repetition_detection": (), "thinking_token_budget": (-1,), "mm_payload": ("tensors",),
+    "return_mm_kwargs": (), "routed_experts_prompt_start": (0,),
+    # chat only (add_special_tokens: vLLM's default is True for completions, False for chat)
+    "tools": ([],), "tool_choice": ("none", "auto"), "reasoning_effort": (), "include_reasoning": (True,),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "documents": (), "chat_template": (),
+    "chat_template_kwargs": ({},), "media_io_kwargs": ({},), "mm_processor_kwargs": ({},),
 }  # fmt: skip
 #: Accepted and without effect on a queued job (as for vLLM: labels and streaming pace).
 IGNORED = ("user", "session_id", "stream_interval", "parallel_tool_calls")
@@ -55,6 +57,8 @@ class _Request(BaseModel):
     """What both endpoints take. Unknown parameters are refused by name (``extra="forbid"``)."""
 
     model_config = ConfigDict(extra="forbid")
+    #: vLLM's default for the endpoint; the only value vqueue takes.
+    ADD_SPECIAL_TOKENS: ClassVar[bool] = True
 
     model: str | None = None
     max_tokens: int | None = None
@@ -92,13 +96,15 @@ class _Request(BaseModel):
         data = dict(data)
         for name in IGNORED:
             data.pop(name, None)
-        for name, default in AT_DEFAULT_ONLY.items():
+        at_default = {**AT_DEFAULT_ONLY, "add_special_tokens": (cls.ADD_SPECIAL_TOKENS,)}
+        for name, accepted in at_default.items():
             if name not in data:
                 continue
             value = data.pop(name)
-            if value is not None and value != default and not (value == [] and default is None):
+            if value is not None and value not in accepted:
+                also = f" or {' or '.join(json.dumps(a) for a in accepted)}" if accepted else ""
                 raise bad_request(name, f"`{name}` is accepted by vLLM's server but not by vqueue's queued jobs; "
-                                        f"leave it unset (or {default!r}).")
+                                        f"leave it unset{also}.")
         if data.get("stream_options") and not data.get("stream"):
             raise bad_request("stream_options", "Stream options can only be defined when `stream=True`.")
         return data
@@ -151,6 +157,8 @@ class CompletionRequest(_Request):
 
 
 class ChatCompletionRequest(_Request):
+    ADD_SPECIAL_TOKENS: ClassVar[bool] = False
+
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     logprobs: bool | None = False

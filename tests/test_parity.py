@@ -266,6 +266,8 @@ INVALID: dict[str, tuple[str, dict[str, Any]]] = {
     "stream_options without stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}),
     "empty messages": ("/v1/chat/completions", {"messages": []}),
     "prompt over the context": ("/v1/completions", {"prompt": "word " * 1100, "max_tokens": 5}),
+    "prompt over the context, streamed": ("/v1/completions", {"prompt": "word " * 1100, "max_tokens": 5,
+                                                              "stream": True}),
     "unknown model": ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}),
 }  # fmt: skip
 
