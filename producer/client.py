@@ -374,15 +374,21 @@ class Client:
         while True:
             now = time.monotonic()
             if now >= deadline:
-                raise JobTimeout(job_id, self._where_is(job_id, timeout, 1))
-            block_s = min(deadline - now, self.settings.producer.poll_interval_s)
-            with self._reaching_redis():
-                reply = self._redis.xread({key: last}, count=_XREAD_COUNT, block=max(1, int(block_s * 1000)))
-            if not reply:
+                with self._reaching_redis():
+                    raise JobTimeout(job_id, self._where_is(job_id, timeout, 1))
+            block_ms = max(1, int(min(deadline - now, self.settings.producer.poll_interval_s) * 1000))
+            try:
+                reply = self._redis.xread({key: last}, count=_XREAD_COUNT, block=block_ms)
                 # Quiet for a while: has the job ended without (yet) a stream end? A job cancelled
                 # or expired while queued never streams; a worker that lost Redis drops entries.
-                with self._reaching_redis():
-                    outcome = decode_meta(job_id, self._redis.get(keys.result_key(job_id)))
+                outcome = None if reply else decode_meta(job_id, self._redis.get(keys.result_key(job_id)))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting: the stream outlives it (AOF); read on from the last entry seen.
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(self.settings.redis.url, exc) from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            if not reply:
                 if outcome is None:
                     continue
                 if isinstance(outcome, JobFailed) and last == "0-0":

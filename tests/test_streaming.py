@@ -176,3 +176,71 @@ def test_a_job_run_again_streams_with_its_new_attempt(worker, client: Client, r)
     assert {chunk.attempt for chunk in chunks[1:]} == {2}
     text, token_ids, _ = joined(chunks[1:])
     assert text == result.text and len(token_ids) == 16
+
+
+# -- the worker's writer and the reader's edges, without a worker --------------------------------
+
+
+def wait_until(what, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_writer_writes_each_entry_in_order_with_a_ttl(r) -> None:
+    from worker.streaming import StreamWriter
+
+    writer = StreamWriter(lambda: r, ttl_s=120)
+    job_id = f"writer-{time.time_ns()}"
+    sent = [StreamChunk(choices=[StreamChoice(text=t, token_ids=[i])]) for i, t in enumerate(["a", "b", "c"])]
+    for chunk in sent:
+        writer.add(job_id, streams.encode_chunk(chunk))
+    writer.end(job_id, "succeeded")
+    wait_until(lambda: r.xlen(keys.stream_key(job_id)) == 4)
+    entries = [streams.decode_entry(fields) for _, fields in r.xrange(keys.stream_key(job_id))]
+    assert entries == [*sent, StreamEnd(outcome="succeeded")]
+    assert 0 < r.ttl(keys.stream_key(job_id)) <= 120
+    assert writer.dropped == 0
+
+
+def test_the_writer_drops_entries_when_redis_is_away_and_carries_on() -> None:
+    from devtools.redis_server import free_port
+    from worker.streaming import StreamWriter
+
+    away = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    writer = StreamWriter(lambda: away, ttl_s=120)
+    for i in range(5):
+        writer.add("nowhere", streams.encode_chunk(StreamChunk(choices=[StreamChoice(text=str(i))])))  # never raises
+    wait_until(lambda: writer.dropped == 5)
+
+
+def test_a_streaming_job_cancelled_while_queued_ends_the_reader_at_once(redis_server, client: Client) -> None:
+    # No worker serves this model: the job waits in its queue, where it is cancelled
+    job_id = client.submit(CompletionJob(model="tiny-streaming-unserved", prompt="never", stream=True))
+    try:
+        assert client.cancel(job_id) == "cancelled while queued"
+        started = time.monotonic()
+        with pytest.raises(JobCancelled) as info:
+            next(client.stream(job_id, timeout=30))
+        assert info.value.partial is None
+        assert time.monotonic() - started < 3 * client.settings.producer.poll_interval_s
+    finally:
+        r = redis.Redis.from_url(redis_server.url)
+        r.delete(*keys.queue_lists("tiny-streaming-unserved").values())
+
+
+def test_a_finished_job_without_a_stream_end_ends_the_reader(worker, client: Client, r) -> None:
+    from producer.client import STREAM_END_GRACE_S
+
+    # A job not submitted with stream=True: reading its stream says so, once it has finished
+    job_id = client.submit(CompletionJob(model=MODEL, prompt="plain", sampling=Sampling(max_tokens=4)))
+    result = client.result(job_id, timeout=120)
+    with pytest.raises(ValueError, match="not submitted with stream=True"):
+        list(client.stream(job_id, timeout=30))
+    # A stream whose end was lost (its worker lost Redis) ends once the outcome is stored
+    lone = StreamChunk(choices=[StreamChoice(text=result.text, token_ids=[1])])
+    r.xadd(keys.stream_key(job_id), streams.encode_chunk(lone))
+    started = time.monotonic()
+    assert list(client.stream(job_id, timeout=30)) == [lone]
+    assert STREAM_END_GRACE_S <= time.monotonic() - started < STREAM_END_GRACE_S + 3

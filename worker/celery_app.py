@@ -62,7 +62,7 @@ if settings.redis.url.startswith(("redis://", "rediss://")):
 # Streamed jobs' chunks go from the engine's results reader to one writer thread (worker.streaming).
 streaming.writer = streaming.StreamWriter(lambda: app.backend.client, settings.redis.result_ttl_s)
 holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key),
-                      on_chunk=streaming.writer.chunk)
+                      on_chunk=streaming.writer.add)
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
 _leases: LeaseKeeper | None = None

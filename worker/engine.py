@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from producer.errors import EngineDead
-from producer.protocol import ChatJob, CompletionJob, JobResult, StreamChunk
+from producer.protocol import ChatJob, CompletionJob, JobResult
 from producer.settings import Settings
 from worker import media
 from worker.framing import SyncChannel
@@ -50,11 +50,11 @@ class EngineHolder:
     """
 
     def __init__(self, settings: Settings, blob_reader: media.BlobReader | None = None,
-                 on_chunk: Callable[[str, StreamChunk], None] | None = None) -> None:
+                 on_chunk: Callable[[str, dict[str, str]], None] | None = None) -> None:
         self.settings = settings
         self._blob_reader = blob_reader or (lambda key: None)
-        #: Takes each stream chunk of a streamed job (job id, chunk), on the results reader
-        #: thread: it must not block (``worker.streaming.StreamWriter.chunk`` only queues).
+        #: Takes each stream chunk of a streamed job (its id, the entry's encoded fields), on the
+        #: results reader thread: it must not block (``worker.streaming.StreamWriter.add`` queues).
         self._on_chunk = on_chunk
         self.dead = False
         self.multimodal = False

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from producer import streams
 from producer.errors import EngineError, InvalidJob
 from producer.protocol import ChatJob, CompletionJob, JobResult, StreamChunk
 from producer.settings import Settings
@@ -305,9 +306,11 @@ def _portable(exc: BaseException) -> BaseException:
 async def _run_one(runner: EngineRunner, channel: AsyncChannel, request_id: int, job: CompletionJob | ChatJob,
                    *args: Any, **kwargs: Any) -> None:
     def send_chunk(chunk: StreamChunk) -> None:
-        # On the same channel as the job's "done", before it: the worker queues a job's chunks
-        # for writing before it stores the result, and its stream end (on the same writer) after.
-        channel.send(("chunk", request_id, (job.id, chunk)))
+        # Encoded here, as the entry's fields: a str crosses the channel for a tenth of what a
+        # pickled model costs, and the worker's process (its GIL also feeds Celery's consumer)
+        # only writes it. On the same channel as the job's "done", before it: the worker queues
+        # a job's chunks for writing before it stores the result, and its stream end after.
+        channel.send(("chunk", request_id, (job.id, streams.encode_chunk(chunk))))
 
     try:
         result = await runner.run(job, *args, live=runner.admit(request_id),

@@ -1,7 +1,7 @@
 """Writing streaming jobs' output to their Redis streams (``vqueue:stream:<job id>``).
 
-The engine process sends each step's chunk of a streamed job (``job.stream``) over the
-worker's channel; the channel's reader thread hands it to ``StreamWriter.chunk``, which only
+The engine process sends each step's chunk of a streamed job (``job.stream``), encoded, over
+the worker's channel; the channel's reader thread hands it to ``StreamWriter.add``, which only
 queues it: the reader, which wakes every job's pool thread, never waits on Redis. One writer
 thread drains the queue and writes what it holds in one pipelined round trip: one XADD per
 chunk (one engine step of one job), one EXPIRE per stream. A job's stream end is queued by
@@ -28,7 +28,7 @@ from celery import signals, states
 from producer import keys, streams
 from producer.errors import JobCancelled, JobExpired
 from producer.outcomes import decode_meta
-from producer.protocol import StreamChunk, StreamOutcome
+from producer.protocol import StreamOutcome
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,16 @@ class StreamWriter:
         self._dropped = 0
         self._last_log = 0.0
 
-    def chunk(self, job_id: str, chunk: StreamChunk) -> None:
-        self._put(job_id, streams.encode_chunk(chunk))
+    @property
+    def dropped(self) -> int:
+        """Entries not written (Redis away, or too many waiting) since the worker started."""
+        return self._dropped
 
     def end(self, job_id: str, outcome: StreamOutcome) -> None:
-        self._put(job_id, streams.encode_end(outcome))
+        self.add(job_id, streams.encode_end(outcome))
 
-    def _put(self, job_id: str, fields: dict[str, str]) -> None:
+    def add(self, job_id: str, fields: dict[str, str]) -> None:
+        """Queue one entry (``producer.streams``' encoded fields) of the job's stream."""
         if not self._started:
             with self._start_lock:  # started by the first entry: workers that never stream have no thread
                 if not self._started:
