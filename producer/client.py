@@ -364,7 +364,9 @@ class Client:
         ``JobCancelled``, ``JobExpired``, with ``.partial``) after its last chunks. Where a
         worker died mid-job, the job starts over: chunks then come with the next ``attempt``
         from its first token again, and the earlier attempt's text is to be discarded.
-        ``result`` (after the stream ends) has the usage and timings.
+        ``result`` (after the stream ends) has the usage and timings. A job that succeeded
+        without writing a stream (not submitted with ``stream=True``) raises ``JobFailed`` with
+        ``error_type`` "NotStreamed" once it has finished.
         """
         timeout = self.settings.producer.default_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -399,9 +401,10 @@ class Client:
                 if isinstance(outcome, JobFailed):
                     raise outcome
                 if last == "0-0":
-                    raise ValueError(f"job {job_id} succeeded but wrote no stream entries: it was not submitted "
-                                     "with stream=True (set it on the job), or its worker could not reach Redis. "
-                                     "Client.result has its whole output.")
+                    # Not the job's failure (its result is whole): the stream it was asked for is missing.
+                    raise JobFailed(job_id, "NotStreamed", f"job {job_id} succeeded but wrote no stream entries: it "
+                                    "was not submitted with stream=True (set it on the job), or its worker could "
+                                    "not reach Redis. Client.result has its whole output.")
                 return  # its end was lost; every chunk that could be written was (Client.result has it all)
             for entry_id, fields in reply[0][1]:
                 last = entry_id

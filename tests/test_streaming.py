@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from producer import ChatJob, Client, CompletionJob, JobCancelled, Sampling, keys, streams
+from producer import ChatJob, Client, CompletionJob, JobCancelled, JobFailed, Sampling, keys, streams
 from producer.protocol import StreamChoice, StreamChunk, StreamEnd, TokenLogprob
 from tests.conftest import MODEL
 
@@ -197,7 +197,8 @@ def test_the_writer_writes_each_entry_in_order_with_a_ttl(r) -> None:
     for chunk in sent:
         writer.add(job_id, streams.encode_chunk(chunk))
     writer.end(job_id, "succeeded")
-    wait_until(lambda: r.xlen(keys.stream_key(job_id)) == 4)
+    assert writer.flush(10)  # as the worker does at shutdown: everything queued is written now
+    assert r.xlen(keys.stream_key(job_id)) == 4
     entries = [streams.decode_entry(fields) for _, fields in r.xrange(keys.stream_key(job_id))]
     assert entries == [*sent, StreamEnd(outcome="succeeded")]
     assert 0 < r.ttl(keys.stream_key(job_id)) <= 120
@@ -212,7 +213,7 @@ def test_the_writer_drops_entries_when_redis_is_away_and_carries_on() -> None:
     writer = StreamWriter(lambda: away, ttl_s=120)
     for i in range(5):
         writer.add("nowhere", streams.encode_chunk(StreamChunk(choices=[StreamChoice(text=str(i))])))  # never raises
-    wait_until(lambda: writer.dropped == 5)
+    wait_until(lambda: writer.dropped == 5, timeout=30)
 
 
 def test_a_streaming_job_cancelled_while_queued_ends_the_reader_at_once(redis_server, client: Client) -> None:
@@ -236,8 +237,9 @@ def test_a_finished_job_without_a_stream_end_ends_the_reader(worker, client: Cli
     # A job not submitted with stream=True: reading its stream says so, once it has finished
     job_id = client.submit(CompletionJob(model=MODEL, prompt="plain", sampling=Sampling(max_tokens=4)))
     result = client.result(job_id, timeout=120)
-    with pytest.raises(ValueError, match="not submitted with stream=True"):
+    with pytest.raises(JobFailed, match="not submitted with stream=True") as info:
         list(client.stream(job_id, timeout=30))
+    assert info.value.error_type == "NotStreamed"
     # A stream whose end was lost (its worker lost Redis) ends once the outcome is stored
     lone = StreamChunk(choices=[StreamChoice(text=result.text, token_ids=[1])])
     r.xadd(keys.stream_key(job_id), streams.encode_chunk(lone))

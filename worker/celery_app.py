@@ -60,9 +60,10 @@ if settings.redis.url.startswith(("redis://", "rediss://")):
     app.conf.broker_transport = broker.TRANSPORT
 
 # Streamed jobs' chunks go from the engine's results reader to one writer thread (worker.streaming).
-streaming.writer = streaming.StreamWriter(lambda: app.backend.client, settings.redis.result_ttl_s)
-holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key),
-                      on_chunk=streaming.writer.add)
+stream_writer = streaming.writer = streaming.StreamWriter(lambda: app.backend.client, settings.redis.result_ttl_s)
+holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key), on_chunk=stream_writer.add)
+#: How long a stopping worker waits for its stream entries to be written.
+STREAM_FLUSH_TIMEOUT_S = 5.0
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
 _leases: LeaseKeeper | None = None
@@ -134,6 +135,9 @@ def _stop_engine(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
     holder.stop()
+    if not stream_writer.flush(STREAM_FLUSH_TIMEOUT_S):  # the last jobs' stream ends
+        log.warning("stream entries still unwritten after %.0f s at shutdown; their readers end on the "
+                    "jobs' results", STREAM_FLUSH_TIMEOUT_S)
     if _leases is not None:
         _leases.stop()  # last: a warm shutdown's jobs kept their leases until they finished
     if _reaper is not None:

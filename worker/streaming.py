@@ -51,7 +51,8 @@ class StreamWriter:
     def __init__(self, client: Callable[[], redis.Redis], ttl_s: int) -> None:
         self._client = client
         self._ttl_s = ttl_s
-        self._queue: queue.Queue[tuple[str, dict[str, str]]] = queue.Queue(MAX_WAITING)
+        #: Entries to write, and ``flush`` marks (an Event set once everything before it is written).
+        self._queue: queue.Queue[tuple[str, dict[str, str]] | threading.Event] = queue.Queue(MAX_WAITING)
         self._thread = threading.Thread(target=self._run, name="vqueue-streams", daemon=True)
         self._started = False
         self._start_lock = threading.Lock()
@@ -80,17 +81,41 @@ class StreamWriter:
             self._log_failure(f"{MAX_WAITING} stream entries wait to be written (Redis slow or away); "
                               f"dropping new ones ({self._dropped} so far)")
 
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every entry queued so far is written (or dropped); False after ``timeout_s``.
+        The worker calls it at shutdown: the writer is a daemon thread, and the stream ends of
+        the last jobs a warm shutdown let finish are still on their way."""
+        if not self._started:
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout_s)
+        except queue.Full:
+            return False
+        return done.wait(timeout_s)
+
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < BATCH:
+            batch: list[tuple[str, dict[str, str]]] = []
+            item = self._queue.get()
+            while True:
+                if isinstance(item, threading.Event):
+                    self._write(batch)
+                    batch = []
+                    item.set()
+                else:
+                    batch.append(item)
+                if len(batch) >= BATCH:
+                    break
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             self._write(batch)
 
     def _write(self, batch: list[tuple[str, dict[str, str]]]) -> None:
+        if not batch:
+            return
         try:
             with self._client().pipeline(transaction=False) as pipe:
                 for job_id, fields in batch:
