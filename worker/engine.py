@@ -232,7 +232,10 @@ class EngineHolder:
             if kind == "chunk":
                 # Before the job's "done" on this channel: its chunks are queued before its result.
                 if self._on_chunk is not None:
-                    self._on_chunk(*payload)
+                    try:
+                        self._on_chunk(*payload)
+                    except Exception:  # a stream is never worth this thread, which every job needs
+                        log.warning("could not queue a stream chunk of request %s", request_id, exc_info=True)
                 continue
             if kind == "dead":
                 self._declare_dead("the engine reports itself dead (vLLM's EngineCore errored)")
