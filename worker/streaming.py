@@ -4,13 +4,15 @@ The engine process sends each step's chunk of a streamed job (``job.stream``), e
 the worker's channel; the channel's reader thread hands it to ``StreamWriter.add``, which only
 queues it: the reader, which wakes every job's pool thread, never waits on Redis. One writer
 thread drains the queue and writes what it holds in one pipelined round trip: one XADD per
-chunk (one engine step of one job), one EXPIRE per stream. A job's stream end is queued by
+chunk (one engine step of one job; steps the engine process's loop fell behind on come merged,
+as vLLM's DELTA outputs do), one EXPIRE per stream. A job's stream end is queued by
 ``task_postrun`` (below), after Celery stored the job's outcome, behind the job's chunks:
 a reader that sees the end can read the result.
 
 Writes never fail a job: with Redis away, the entries are dropped and logged (the result,
 which Celery writes and retries, is what matters; ``Client.stream`` ends a stream whose end
-was lost once the job's outcome is stored).
+was lost once the job's outcome is stored). Not retried, so that no entry is ever written
+twice: a stream that lost entries has a gap, and its result is the whole output.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class StreamWriter:
                 for job_id in dict.fromkeys(job_id for job_id, _ in batch):
                     pipe.expire(keys.stream_key(job_id), self._ttl_s)
                 pipe.execute()
-        except redis.RedisError as exc:
+        except Exception as exc:  # RedisError above all; whatever it is, this thread must live on
             self._dropped += len(batch)
             self._log_failure(f"could not write {len(batch)} stream entries ({exc}); dropped "
                               f"({self._dropped} so far); the jobs' results are unaffected")
