@@ -12,7 +12,8 @@ envelope, or whose body does not decode, were dropped by Celery without a result
 goes to ``on_malformed`` (set by ``worker.celery_app``: dead-letter record with the raw bytes,
 a typed failure for its job when an id can be read, a counter and a log line) and the
 consumer carries on with the next one. ``QoS`` below: a dropped connection no longer puts
-the jobs this worker still runs back on the queue.
+the jobs this worker still runs back on the queue, and a message taken just as Redis went
+away is put back on its queue rather than lost (``_Orphans``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import binascii
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
@@ -97,6 +100,46 @@ def job_id_of(raw: bytes | str) -> str | None:
     return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
 
 
+class _Orphans:
+    """Messages this process popped from a queue but could not record as held.
+
+    kombu takes a message with BRPOP, then records it in ``unacked`` in a second round trip.
+    If Redis goes away in between (a restart, a failover), the message is off its queue and in
+    no lease: kombu drops it and the job is lost, with nobody to tell. Here it is kept in
+    memory and pushed back onto its queue by the next channel that reaches Redis (the consumer
+    reconnects with a new channel), before that channel takes anything. It is lost only if
+    this process also dies before Redis is back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[tuple[dict[str, Any], str, str]] = []
+
+    def keep(self, raw: dict[str, Any], exchange: str, routing_key: str) -> None:
+        with self._lock:
+            self._held.append((raw, exchange, routing_key))
+
+    def put_back(self, channel: kombu_redis.Channel) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        if not held:
+            return
+        try:
+            with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+                for raw, exchange, routing_key in held:
+                    # RPUSH: the end BRPOP takes from, where the message was
+                    channel._do_restore_message(raw, exchange, routing_key, pipe, leftmost=False)
+                pipe.execute()
+        except Exception:
+            with self._lock:
+                self._held = held + self._held
+            raise
+        log.warning("put %d message(s) back on their queue that were taken just as Redis went away", len(held))
+
+
+orphans = _Orphans()
+
+
 class QoS(kombu_redis.QoS):
     """kombu's bookkeeping of held messages, made safe for leases.
 
@@ -110,6 +153,17 @@ class QoS(kombu_redis.QoS):
     """
 
     restore_at_shutdown = False
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except Exception as exc:
+            info = message.delivery_info
+            orphans.keep(message._raw, info["exchange"], info["routing_key"])
+            # A connection error makes the consumer reconnect (and the new channel puts the
+            # message back); any other error (Redis out of memory, say) would stop the worker.
+            raise redis.ConnectionError(f"could not record message {delivery_tag} as held ({exc}); "
+                                        "it goes back on its queue once Redis is reachable") from exc
 
     def ack(self, delivery_tag: str) -> None:
         try:
@@ -137,6 +191,10 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _sync_client: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # raises unless Redis answered a PING
+        orphans.put_back(self)
 
     @contextlib.contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
