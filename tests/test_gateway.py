@@ -25,7 +25,7 @@ import redis
 from PIL import Image
 
 from devtools.redis_server import RedisServer, free_port
-from producer import ChatJob, Client, CompletionJob, JobCancelled, Sampling, keys
+from producer import ChatJob, Client, CompletionJob, JobCancelled, JobNotFound, Sampling, keys
 from producer.protocol import WorkerInfo
 from tests.conftest import MODEL, ROOT
 
@@ -323,6 +323,14 @@ def wait_for(predicate, timeout_s: float = 60, what: str = "") -> None:
         time.sleep(0.1)
 
 
+def state(client: Client, job_id: str) -> str | None:
+    """The job's state, None while the gateway has not submitted it yet."""
+    try:
+        return client.job(job_id).state
+    except JobNotFound:
+        return None
+
+
 def worker_in_flight(r: redis.Redis) -> int:
     names = list(r.scan_iter(match=f"{keys.WORKER_KEY_PREFIX}*"))
     infos = [WorkerInfo.model_validate_json(raw) for raw in r.mget(names) if raw]
@@ -340,7 +348,7 @@ def test_client_disconnect_cancels_the_running_job(gateway: GatewayProcess, clie
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
                      + f"X-Request-Id: {job_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        wait_for(lambda: client.job(job_id).state == "running", 60, "the job to run")
+        wait_for(lambda: state(client, job_id) == "running", 60, "the job to run")
         if stream:
             received = b""
             while b"data: {" not in received:
