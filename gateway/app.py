@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
@@ -388,6 +389,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.gateway.client.aclose()
 
     app = FastAPI(title="vqueue gateway", version=version(), lifespan=lifespan)
+    # vLLM's server defaults: any origin, no credentials (browsers' cross-origin calls work alike).
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=False, allow_methods=["*"],
+                       allow_headers=["*"])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

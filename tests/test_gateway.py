@@ -218,6 +218,10 @@ def test_unknown_parameter_is_a_400_naming_it(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:  # vLLM takes it, vqueue cannot: refused, not ignored
         oai.completions.create(model=MODEL, prompt="hi", echo=True)
     assert info.value.body["param"] == "echo"
+    # ...while the same parameters at vLLM's defaults, and labels such as `user`, are accepted
+    ok = oai.completions.create(model=MODEL, prompt="hi", max_tokens=2, echo=False, user="someone",
+                                extra_body={"add_special_tokens": True, "use_beam_search": False})
+    assert ok.usage.completion_tokens == 2
 
 
 def test_prompt_over_the_context_is_a_400_from_the_worker(oai: openai.OpenAI) -> None:

@@ -41,6 +41,7 @@ KNOWN_DIFFERENCES = {
     "owned_by": "'vqueue' rather than 'vllm' in /v1/models",
     "version": "/version reports vqueue's version",
     "ids": "cmpl-/chatcmpl- + the job id (X-Request-Id when given) rather than a random hex",
+    "max_tokens": "prompt + max_tokens over max_model_len: a 400 naming both, where vLLM shortens max_tokens",
     "param": "400s name the parameter where vLLM leaves `param` null (n > 1 with greedy, empty messages)",
 }
 
@@ -292,6 +293,15 @@ def test_same_error_status_as_vllm_serve(both: tuple[httpx.Client, httpx.Client]
     if t["error"]["param"] is not None:
         assert m["error"]["param"] is not None  # where vLLM names the parameter, so does the gateway
     # KNOWN_DIFFERENCES["param"]: the gateway names it where vLLM leaves it null (n with greedy, empty messages)
+
+
+def test_known_difference_prompt_plus_max_tokens_over_the_context(both: tuple[httpx.Client, httpx.Client]) -> None:
+    # KNOWN_DIFFERENCES["max_tokens"]: vLLM 0.32 shortens max_tokens to what is left of the context
+    # and answers 200; vqueue's worker refuses the job, naming both numbers (a 400).
+    body = {"model": MODEL, "prompt": "word " * 1000, "max_tokens": 200, "temperature": 0}
+    (ts, t), (ms, m) = (post(c, "/v1/completions", body) for c in both)
+    assert ts == 200 and t["usage"]["total_tokens"] == 1024
+    assert ms == 400 and m["error"]["param"] == "max_tokens" and "max_tokens (200)" in m["error"]["message"]
 
 
 def test_models_version_health_same_shapes(vllm_serve: VllmServe, ours: GatewayProcess) -> None:
