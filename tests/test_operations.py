@@ -32,6 +32,8 @@ def test_compose_runs_the_commands_the_readme_and_tests_use() -> None:
     assert compose["flower"]["command"][:4] == ["celery", "-A", "worker", "flower"]
     assert "celery -A worker flower" in readme
     assert compose["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert compose["gateway"]["command"][:2] == ["vqueue", "gateway"]
+    assert "vqueue gateway" in readme
     # The tests start the worker with the same command (plus logging flags only).
     assert '"-A", "worker", "worker"' in (ROOT / "devtools" / "worker_process.py").read_text()
 
@@ -59,8 +61,8 @@ def test_compose_is_safe_by_default() -> None:
     for service in compose.values():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{port} is published on every interface"
-    # The worker and Flower reach Redis with that password.
-    for name in ("worker", "flower"):
+    # The worker, the gateway and Flower reach Redis with that password.
+    for name in ("worker", "gateway", "flower"):
         url = compose[name]["environment"]["VQUEUE_REDIS__URL"]
         scheme, _, rest = url.partition("://:")
         password, _, host = rest.rpartition("@")
@@ -70,12 +72,16 @@ def test_compose_is_safe_by_default() -> None:
     assert _required_variable(flower_env["FLOWER_BASIC_AUTH"], "FLOWER_BASIC_AUTH")
     assert "FLOWER_UNAUTHENTICATED_API" not in flower_env
     assert compose["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+    # The gateway asks for an API key that comes from the environment.
+    keys = compose["gateway"]["environment"]["VQUEUE_GATEWAY__API_KEYS"]
+    assert keys.startswith('["') and keys.endswith('"]') and _required_variable(keys[2:-2], "GATEWAY_API_KEY")
 
 
 def test_no_secret_is_in_the_repository() -> None:
     example = (ROOT / ".env.example").read_text()
     assert re.search(r"^REDIS_PASSWORD=change-me", example, re.M) and re.search(r"^FLOWER_BASIC_AUTH=\w+:change-me",
                                                                                 example, re.M)  # fmt: skip
+    assert re.search(r"^GATEWAY_API_KEY=change-me", example, re.M)
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert ".env" not in tracked
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
