@@ -298,7 +298,7 @@ def test_redis_down_is_a_503_saying_so(tmp_path: Path) -> None:
 # -- job control through HTTP --------------------------------------------------------------
 
 
-def test_same_x_request_id_is_one_job_run_once(oai: openai.OpenAI, client: Client) -> None:
+def test_same_x_request_id_is_one_job_run_once(oai: openai.OpenAI, client: Client, worker) -> None:
     job_id = f"gw-idem-{uuid.uuid4().hex[:8]}"
     results: list[object] = []
 
@@ -318,6 +318,8 @@ def test_same_x_request_id_is_one_job_run_once(oai: openai.OpenAI, client: Clien
     assert len({r.choices[0].text for r in results}) == 1
     record = client.job(job_id)
     assert record.state == "succeeded" and [a.number for a in record.attempts] == [1]
+    # One message was queued: the worker received the job once (Celery logs each message it receives)
+    assert worker.log_text().count(f"vqueue.generate[{job_id}] received") == 1
 
 
 def wait_for(predicate, timeout_s: float = 60, what: str = "") -> None:
