@@ -57,7 +57,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = AsyncClient(settings)
+        self.client = AsyncClient(settings, max_connections=settings.gateway.redis_max_connections)
         self.fingerprint = f"{protocol.SYSTEM_FINGERPRINT_PREFIX}{version()}"
         self._models: list[ModelInfo] = []
         self._models_at = -1e9

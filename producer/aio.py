@@ -60,19 +60,24 @@ class AsyncClient:
     caller then awaits the first job's outcome). Redis unreachable raises ``BrokerUnavailable``.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, max_connections: int = 1024) -> None:
         self.settings = settings or get_settings()
         # The sync client is used for its pure-CPU parts only (building, checking and
         # enveloping a job; kombu's one-time queue declaration in a thread): one definition of a job's wire form.
         self._sync = Client(self.settings)
-        self._redis = aioredis.Redis.from_url(self.settings.redis.url, health_check_interval=30)
+        # A blocking pool: past ``max_connections`` (each streaming reader holds one while its XREAD
+        # blocks, up to producer.poll_interval_s) a call waits for a free connection rather than
+        # failing (redis-py's own pool raises at 100).
+        pool = aioredis.BlockingConnectionPool.from_url(self.settings.redis.url, max_connections=max_connections,
+                                                        timeout=30, health_check_interval=30)
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._claim = self._redis.register_script(CLAIM)
         self._cancel = self._redis.register_script(records.CANCEL)
         self._waiter = _ResultWaiter(self._redis, self.settings.producer.poll_interval_s)
 
     async def aclose(self) -> None:
         await self._waiter.close()
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
         self._sync.close()
 
     async def __aenter__(self) -> AsyncClient:

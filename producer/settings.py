@@ -181,6 +181,9 @@ class GatewaySettings(_Section):
     retry_after_s: int = Field(1, ge=0)
     #: How long the list of served models (live workers) is reused before Redis is asked again.
     models_cache_s: float = Field(1.0, ge=0)
+    #: Redis connections per gateway process; past them a request waits for one. A streaming
+    #: request holds one while it waits for its next tokens (up to producer.poll_interval_s).
+    redis_max_connections: int = Field(1024, ge=8)
 
 
 class Settings(BaseSettings):
