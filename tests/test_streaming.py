@@ -194,8 +194,8 @@ def test_the_writer_writes_each_entry_in_order_with_a_ttl(r) -> None:
     writer = StreamWriter(lambda: r, ttl_s=120)
     job_id = f"writer-{time.time_ns()}"
     sent = [StreamChunk(choices=[StreamChoice(text=t, token_ids=[i])]) for i, t in enumerate(["a", "b", "c"])]
-    for chunk in sent:
-        writer.add(job_id, streams.encode_chunk(chunk))
+    writer.add([(job_id, streams.encode_chunk(sent[0]))])
+    writer.add([(job_id, streams.encode_chunk(chunk)) for chunk in sent[1:]])  # one engine step's chunks
     writer.end(job_id, "succeeded")
     assert writer.flush(10)  # as the worker does at shutdown: everything queued is written now
     assert r.xlen(keys.stream_key(job_id)) == 4
@@ -212,7 +212,7 @@ def test_the_writer_drops_entries_when_redis_is_away_and_carries_on() -> None:
     away = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
     writer = StreamWriter(lambda: away, ttl_s=120)
     for i in range(5):
-        writer.add("nowhere", streams.encode_chunk(StreamChunk(choices=[StreamChoice(text=str(i))])))  # never raises
+        writer.add([("nowhere", streams.encode_chunk(StreamChunk(choices=[StreamChoice(text=str(i))])))])  # no raise
     wait_until(lambda: writer.dropped == 5, timeout=30)
 
 

@@ -61,7 +61,7 @@ if settings.redis.url.startswith(("redis://", "rediss://")):
 
 # Streamed jobs' chunks go from the engine's results reader to one writer thread (worker.streaming).
 stream_writer = streaming.writer = streaming.StreamWriter(lambda: app.backend.client, settings.redis.result_ttl_s)
-holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key), on_chunk=stream_writer.add)
+holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key), on_chunks=stream_writer.add)
 #: How long a stopping worker waits for its stream entries to be written.
 STREAM_FLUSH_TIMEOUT_S = 5.0
 _reaper: subprocess.Popen | None = None

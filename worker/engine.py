@@ -50,12 +50,12 @@ class EngineHolder:
     """
 
     def __init__(self, settings: Settings, blob_reader: media.BlobReader | None = None,
-                 on_chunk: Callable[[str, dict[str, str]], None] | None = None) -> None:
+                 on_chunks: Callable[[list[tuple[str, dict[str, str]]]], None] | None = None) -> None:
         self.settings = settings
         self._blob_reader = blob_reader or (lambda key: None)
-        #: Takes each stream chunk of a streamed job (its id, the entry's encoded fields), on the
-        #: results reader thread: it must not block (``worker.streaming.StreamWriter.add`` queues).
-        self._on_chunk = on_chunk
+        #: Takes the stream chunks of one engine step (each a job id and its entry's encoded
+        #: fields), on the results reader thread: it must not block (``StreamWriter.add`` queues).
+        self._on_chunks = on_chunks
         self.dead = False
         self.multimodal = False
         self._proc: subprocess.Popen | None = None
@@ -229,13 +229,13 @@ class EngineHolder:
             if kind == "pong":
                 self._last_pong = time.monotonic()
                 continue
-            if kind == "chunk":
-                # Before the job's "done" on this channel: its chunks are queued before its result.
-                if self._on_chunk is not None:
+            if kind == "chunks":
+                # Before the jobs' "done" on this channel: their chunks are queued before their results.
+                if self._on_chunks is not None:
                     try:
-                        self._on_chunk(*payload)
+                        self._on_chunks(payload)
                     except Exception:  # a stream is never worth this thread, which every job needs
-                        log.warning("could not queue a stream chunk of request %s", request_id, exc_info=True)
+                        log.warning("could not queue %d stream chunks", len(payload), exc_info=True)
                 continue
             if kind == "dead":
                 self._declare_dead("the engine reports itself dead (vLLM's EngineCore errored)")

@@ -1,11 +1,12 @@
 """Writing streaming jobs' output to their Redis streams (``vqueue:stream:<job id>``).
 
-The engine process sends each step's chunk of a streamed job (``job.stream``), encoded, over
-the worker's channel; the channel's reader thread hands it to ``StreamWriter.add``, which only
-queues it: the reader, which wakes every job's pool thread, never waits on Redis. One writer
-thread drains the queue and writes what it holds in one pipelined round trip: one XADD per
-chunk (one engine step of one job; steps the engine process's loop fell behind on come merged,
-as vLLM's DELTA outputs do), one EXPIRE per stream. A job's stream end is queued by
+The engine process sends the chunks of streamed jobs (``job.stream``), encoded, over the
+worker's channel, one frame per engine step (``worker.engine_process.ChunkBatcher``); the
+channel's reader thread hands them to ``StreamWriter.add``, which only queues them: the
+reader, which wakes every job's pool thread, never waits on Redis. One writer thread drains
+the queue and writes what it holds in one pipelined round trip: one XADD per chunk (one
+engine step of one job; steps the engine process's loop fell behind on come merged, as
+vLLM's DELTA outputs do), one EXPIRE per stream. A job's stream end is queued by
 ``task_postrun`` (below), after Celery stored the job's outcome, behind the job's chunks:
 a reader that sees the end can read the result.
 
@@ -34,9 +35,10 @@ from producer.protocol import StreamOutcome
 
 log = logging.getLogger(__name__)
 
-#: Entries waiting to be written at most; past it (Redis too slow or hung) new ones are dropped.
-MAX_WAITING = 100_000
-#: Entries written in one round trip at most.
+#: Lists of entries (one engine step's each) waiting to be written at most; past it (Redis
+#: too slow or hung) new ones are dropped.
+MAX_WAITING = 10_000
+#: Entries written in one round trip at most (a step's list is never split).
 BATCH = 1024
 #: A Redis failure is logged at most this often (a down Redis fails every batch).
 LOG_EVERY_S = 10.0
@@ -53,8 +55,9 @@ class StreamWriter:
     def __init__(self, client: Callable[[], redis.Redis], ttl_s: int) -> None:
         self._client = client
         self._ttl_s = ttl_s
-        #: Entries to write, and ``flush`` marks (an Event set once everything before it is written).
-        self._queue: queue.Queue[tuple[str, dict[str, str]] | threading.Event] = queue.Queue(MAX_WAITING)
+        #: Entries to write, in lists as they came (one engine step's), and ``flush`` marks (an
+        #: Event set once everything before it is written).
+        self._queue: queue.Queue[list[tuple[str, dict[str, str]]] | threading.Event] = queue.Queue(MAX_WAITING)
         self._thread = threading.Thread(target=self._run, name="vqueue-streams", daemon=True)
         self._started = False
         self._start_lock = threading.Lock()
@@ -67,21 +70,22 @@ class StreamWriter:
         return self._dropped
 
     def end(self, job_id: str, outcome: StreamOutcome) -> None:
-        self.add(job_id, streams.encode_end(outcome))
+        self.add([(job_id, streams.encode_end(outcome))])
 
-    def add(self, job_id: str, fields: dict[str, str]) -> None:
-        """Queue one entry (``producer.streams``' encoded fields) of the job's stream."""
+    def add(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Queue entries to write in this order, each a job id and its entry's fields
+        (``producer.streams``' encoding)."""
         if not self._started:
             with self._start_lock:  # started by the first entry: workers that never stream have no thread
                 if not self._started:
                     self._thread.start()
                     self._started = True
         try:
-            self._queue.put_nowait((job_id, fields))
+            self._queue.put_nowait(entries)
         except queue.Full:
-            self._dropped += 1
-            self._log_failure(f"{MAX_WAITING} stream entries wait to be written (Redis slow or away); "
-                              f"dropping new ones ({self._dropped} so far)")
+            self._dropped += len(entries)
+            self._log_failure(f"{MAX_WAITING} lists of stream entries wait to be written (Redis slow or away); "
+                              f"dropping new ones ({self._dropped} entries so far)")
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every entry queued so far is written (or dropped); False after ``timeout_s``.
@@ -106,7 +110,7 @@ class StreamWriter:
                     batch = []
                     item.set()
                 else:
-                    batch.append(item)
+                    batch.extend(item)
                 if len(batch) >= BATCH:
                     break
                 try:
