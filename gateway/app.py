@@ -61,13 +61,21 @@ class Gateway:
         self.fingerprint = f"{protocol.SYSTEM_FINGERPRINT_PREFIX}{version()}"
         self._models: list[ModelInfo] = []
         self._models_at = -1e9
+        self._models_reading: asyncio.Future[None] | None = None
         self._keys = [k.get_secret_value().encode() for k in settings.gateway.api_keys]
 
-    async def models(self) -> list[ModelInfo]:
-        if time.monotonic() - self._models_at > self.settings.gateway.models_cache_s:
-            self._models = await self.client.models()
-            self._models_at = time.monotonic()
+    async def models(self, fresh: bool = False) -> list[ModelInfo]:
+        """The served models, read at most every ``gateway.models_cache_s``; one read in flight
+        for all the requests that find the list stale at once (not one SCAN each)."""
+        if fresh or time.monotonic() - self._models_at > self.settings.gateway.models_cache_s:
+            if self._models_reading is None or self._models_reading.done():
+                self._models_reading = asyncio.ensure_future(self._read_models())
+            await asyncio.shield(self._models_reading)
         return self._models
+
+    async def _read_models(self) -> None:
+        self._models = await self.client.models()
+        self._models_at = time.monotonic()
 
     def key_ok(self, authorization: str | None) -> bool:
         if not self._keys:
@@ -90,8 +98,7 @@ class Gateway:
             raise bad_request("model", f"`model` is required: live workers serve {', '.join(names) or 'no model'}.")
         if requested not in names:
             # The cache may be a second old: a worker that just started is seen at once.
-            self._models_at = -1e9
-            names = [m.id for m in await self.models()]
+            names = [m.id for m in await self.models(fresh=True)]
             if requested not in names:
                 raise not_found(requested, names)
         return requested
