@@ -59,11 +59,11 @@ if settings.redis.url.startswith(("redis://", "rediss://")):
     # kombu's Redis transport, but no message can stop the consumer (worker.broker says why).
     app.conf.broker_transport = broker.TRANSPORT
 
+#: How long a stopping worker waits for its stream entries to be written.
+STREAM_FLUSH_TIMEOUT_S = 5.0
 # Streamed jobs' chunks go from the engine's results reader to one writer thread (worker.streaming).
 stream_writer = streaming.writer = streaming.StreamWriter(lambda: app.backend.client, settings.redis.result_ttl_s)
 holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key), on_chunks=stream_writer.add)
-#: How long a stopping worker waits for its stream entries to be written.
-STREAM_FLUSH_TIMEOUT_S = 5.0
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
 _leases: LeaseKeeper | None = None
