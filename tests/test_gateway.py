@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -389,3 +390,16 @@ def test_gateway_imports_no_vllm_or_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
 
+
+
+def test_cli_stream_prints_the_same_text_as_the_result(worker, redis_server: RedisServer) -> None:
+    # Streaming is not a gateway-only feature: `vqueue complete --stream` reads the same Redis stream.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VQUEUE_")}
+    env["VQUEUE_REDIS__URL"] = redis_server.url
+    args = [sys.executable, "-m", "producer.cli", "complete", "count to ten", "--model", MODEL, "--max-tokens", "24",
+            "--temperature", "0"]
+    streamed, whole = (subprocess.run(args + extra, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                      check=True) for extra in (["--stream"], []))
+    # (rich wraps the non-streamed text at the console's width: compare without whitespace)
+    assert "".join(streamed.stdout.split()) == "".join(whole.stdout.split()) != ""
+    assert re.search(r"\+ completion \d+ = \d+ tokens", streamed.stderr)  # the usage line follows the text
