@@ -1,7 +1,7 @@
 """An asyncio producer for servers (``gateway``): submit, await results, cancel, list models.
 
 Everything is one process-wide ``redis.asyncio`` client: no thread per request. Jobs are
-built, checked and enveloped by the same code as ``Client`` (``Client._message``,
+built, checked and enveloped by the same code as ``Client`` (``Client.prepare``,
 ``JobPublisher.stage``), so a job submitted here is byte for byte what ``Client.submit`` sends.
 Results arrive on one shared pub/sub connection (Celery publishes each result on its key's
 channel); a sweep every ``producer.poll_interval_s`` is the safety net, as in ``Client``.
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import redis
@@ -27,9 +25,9 @@ import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 
 from producer import keys, records, streams
-from producer.client import STREAM_END_GRACE_S, Client
+from producer.client import STREAM_END_GRACE_S, Client, cancel_said, models_of
 from producer.errors import BrokerUnavailable, JobFailed, JobTimeout, QueueFull
-from producer.outcomes import decode_meta, revoked_error, state_of
+from producer.outcomes import decode_meta, revoked_meta
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, StreamChunk, StreamEnd, WorkerInfo
 from producer.settings import Settings, get_settings
 
@@ -103,8 +101,8 @@ class AsyncClient:
         ``pydantic.ValidationError`` / ``InvalidJob`` for bad input, ``QueueFull`` at
         ``queue.max_backlog`` (nothing sent), ``BrokerUnavailable``.
         """
-        message = self._sync._message(job)  # validation, priority, deadline, images to blobs: Client's own
-        publisher = self._sync._publisher
+        message = self._sync.prepare(job)  # validation, priority, deadline, images to blobs: Client's own
+        publisher = self._sync.publisher
         ttl = self.settings.redis.result_ttl_s
         limit = self.settings.queue.max_backlog_for(job.model)
         if limit:
@@ -213,21 +211,12 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> str:
         """``Client.cancel``: the same Lua script, the same answers in words."""
-        ttl = self.settings.redis.result_ttl_s
         now = time.time()
-        meta = json.dumps({"status": "REVOKED", "result": revoked_error("cancelled"), "traceback": None,
-                           "children": [], "date_done": datetime.fromtimestamp(now, UTC).isoformat(),
-                           "task_id": job_id})
         reply = await self._reaching(self._cancel(
             keys=[keys.result_key(job_id), keys.attempt_key(job_id), keys.cancel_key(job_id), keys.job_key(job_id)],
-            args=[ttl, meta, job_id, keys.CANCEL_CHANNEL, repr(now)]))
-        what = reply[0].decode()
-        if what == "finished":
-            outcome = decode_meta(job_id, reply[1])
-            return f"already finished: {state_of(outcome) if outcome is not None else 'unknown'}"
-        if what == "running":
-            return f"cancelling: running on {reply[1].decode()}"
-        return {"queued": "cancelled while queued", "unknown": "unknown job"}[what]
+            args=[self.settings.redis.result_ttl_s, revoked_meta(job_id, "cancelled", now), job_id,
+                  keys.CANCEL_CHANNEL, repr(now)]))
+        return cancel_said(job_id, reply)
 
     # -- workers and models ------------------------------------------------------------
 
@@ -246,19 +235,6 @@ class AsyncClient:
     async def models(self) -> list[ModelInfo]:
         """The models live workers serve now, as ``Client.models``."""
         return models_of(await self.workers())
-
-
-def models_of(workers: list[WorkerInfo]) -> list[ModelInfo]:
-    """Workers' announcements grouped by served model (``Client.models``' shape)."""
-    by_model: dict[str, list[WorkerInfo]] = {}
-    for w in workers:
-        by_model.setdefault(w.served_name, []).append(w)
-    return [
-        ModelInfo(id=name, source=ws[0].source, max_model_len=min(w.max_model_len for w in ws),
-                  modalities=sorted(set.intersection(*(set(w.modalities) for w in ws))),
-                  workers=sorted(w.hostname for w in ws), started_at=min(w.started_at for w in ws))
-        for name, ws in sorted(by_model.items())
-    ]  # fmt: skip
 
 
 class _ResultWaiter:
@@ -370,4 +346,4 @@ class _ResultWaiter:
         await self._reset()
 
 
-__all__ = ["AsyncClient", "models_of"]
+__all__ = ["AsyncClient"]

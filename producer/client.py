@@ -26,7 +26,7 @@ from producer.errors import (
     QueueFull,
 )
 from producer.images import move_images_to_blobs
-from producer.outcomes import decode_meta, revoked_error, state_of
+from producer.outcomes import decode_meta, revoked_error, revoked_meta, state_of
 from producer.protocol import (
     ChatJob,
     CompletionJob,
@@ -68,7 +68,8 @@ class Client:
         self.settings = settings or get_settings()
         self._celery = make_celery(self.settings, name="vqueue-producer", results=False)
         self._redis = redis.Redis.from_url(self.settings.redis.url)
-        self._publisher = JobPublisher(self._celery, self._redis)
+        #: Sends prepared messages (``prepare``); the asyncio client stages them through it too.
+        self.publisher = JobPublisher(self._celery, self._redis)
         self._cancel = self._redis.register_script(records.CANCEL)
         self._purge = self._redis.register_script(records.PURGE)
 
@@ -99,7 +100,7 @@ class Client:
         so does a model whose backlog would pass ``queue.max_backlog`` (``QueueFull``).
         """
         jobs = list(jobs)
-        messages = [self._message(job) for job in jobs]
+        messages = [self.prepare(job) for job in jobs]
         if if_unserved == "fail":
             served = {m.id for m in self.models()}
             for model in dict.fromkeys(j.model for j in jobs):
@@ -107,7 +108,7 @@ class Client:
                     raise ModelNotServed(model, sorted(served))
         with self._reaching_redis():
             self._check_backlog(jobs)
-            self._publisher.publish(messages, blob_ttl_s=self.settings.redis.result_ttl_s)
+            self.publisher.publish(messages, blob_ttl_s=self.settings.redis.result_ttl_s)
         return [job.id for job in jobs]
 
     def _check_backlog(self, jobs: list[AnyJob]) -> None:
@@ -146,18 +147,11 @@ class Client:
     def models(self) -> list[ModelInfo]:
         """The models live workers serve now (from their heartbeats), as ``/v1/models`` lists them."""
         with self._reaching_redis():
-            workers = self._workers()
-        by_model: dict[str, list[WorkerInfo]] = {}
-        for w in workers:
-            by_model.setdefault(w.served_name, []).append(w)
-        return [
-            ModelInfo(id=name, source=ws[0].source, max_model_len=min(w.max_model_len for w in ws),
-                      modalities=sorted(set.intersection(*(set(w.modalities) for w in ws))),
-                      workers=sorted(w.hostname for w in ws), started_at=min(w.started_at for w in ws))
-            for name, ws in sorted(by_model.items())
-        ]  # fmt: skip
+            return models_of(self._workers())
 
-    def _message(self, job: AnyJob) -> Outgoing:
+    def prepare(self, job: AnyJob) -> Outgoing:
+        """The message ``submit`` sends for ``job``: validated, its priority and deadline decided,
+        its images moved to blobs. Sync and asyncio clients send the same."""
         # Re-validate: a model mutated after construction must not reach the wire unchecked.
         job = type(job).model_validate(job.model_dump())
         payload = job.model_dump(mode="json")
@@ -213,13 +207,12 @@ class Client:
         now = time.time()
         with self._reaching_redis(), self._redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                meta = json.dumps({"status": "REVOKED", "result": revoked_error("cancelled"), "traceback": None,
-                                   "children": [], "date_done": _iso(now), "task_id": job_id})
+                meta = revoked_meta(job_id, "cancelled", now)
                 self._cancel(keys=[keys.result_key(job_id), keys.attempt_key(job_id), keys.cancel_key(job_id),
                                    keys.job_key(job_id)],
                              args=[ttl, meta, job_id, keys.CANCEL_CHANNEL, repr(now)], client=pipe)
             replies = pipe.execute()
-        return {job_id: _said(job_id, reply) for job_id, reply in zip(job_ids, replies, strict=True)}
+        return {job_id: cancel_said(job_id, reply) for job_id, reply in zip(job_ids, replies, strict=True)}
 
     def purge(self, model: str) -> list[str]:
         """Empty ``model``'s queue: every waiting job ends cancelled ("purged") and its producer
@@ -523,8 +516,21 @@ class Client:
         )
 
 
-def _said(job_id: str, reply: list) -> str:
-    """What ``records.CANCEL`` replied, in words."""
+def models_of(workers: list[WorkerInfo]) -> list[ModelInfo]:
+    """Workers' announcements grouped by served model, as ``/v1/models`` lists them."""
+    by_model: dict[str, list[WorkerInfo]] = {}
+    for w in workers:
+        by_model.setdefault(w.served_name, []).append(w)
+    return [
+        ModelInfo(id=name, source=ws[0].source, max_model_len=min(w.max_model_len for w in ws),
+                  modalities=sorted(set.intersection(*(set(w.modalities) for w in ws))),
+                  workers=sorted(w.hostname for w in ws), started_at=min(w.started_at for w in ws))
+        for name, ws in sorted(by_model.items())
+    ]  # fmt: skip
+
+
+def cancel_said(job_id: str, reply: list) -> str:
+    """What ``records.CANCEL`` replied, in words (sync and asyncio clients alike)."""
     what = reply[0].decode()
     if what == "finished":
         outcome = decode_meta(job_id, reply[1])

@@ -14,6 +14,7 @@ read becomes a ``JobFailed`` for that job alone, never an exception that would s
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -59,6 +60,12 @@ def revoked_error(reason: str, partial: dict | None = None) -> dict[str, Any]:
     """The stored form of a stopped job (Celery's for ``TaskRevokedError(reason[, partial])``)."""
     args: list[Any] = [reason] if partial is None else [reason, partial]
     return {"exc_type": "TaskRevokedError", "exc_message": args, "exc_module": "celery.exceptions"}
+
+
+def revoked_meta(job_id: str, reason: str, at: float) -> str:
+    """Celery's stored meta (JSON) of a job stopped for ``reason`` at epoch ``at``, without output."""
+    return json.dumps({"status": "REVOKED", "result": revoked_error(reason), "traceback": None, "children": [],
+                       "date_done": datetime.fromtimestamp(at, UTC).isoformat(), "task_id": job_id})
 
 
 def _revoked(job_id: str, error: Any) -> JobFailed:
