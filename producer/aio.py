@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 
 from producer import keys, records, streams
-from producer.client import STREAM_END_GRACE_S, Client, cancel_said, models_of
+from producer.client import Client, cancel_said, models_of
 from producer.errors import BrokerUnavailable, JobFailed, JobTimeout, QueueFull
 from producer.outcomes import decode_meta, revoked_meta
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, StreamChunk, StreamEnd, WorkerInfo
@@ -182,20 +182,11 @@ class AsyncClient:
             if not reply:
                 # Quiet: did the job end without (yet) a stream end? A job cancelled or expired while
                 # queued never streams; a worker that lost Redis may drop entries (as Client.stream).
-                outcome = await self.peek(job_id)
-                if outcome is None:
-                    continue
-                if isinstance(outcome, JobFailed) and last == "0-0":
-                    raise outcome
-                ended_at = ended_at or time.monotonic()
-                if time.monotonic() - ended_at < STREAM_END_GRACE_S:
-                    continue
-                if isinstance(outcome, JobFailed):
-                    raise outcome
-                if last == "0-0":
-                    raise JobFailed(job_id, "NotStreamed", f"job {job_id} succeeded but wrote no stream entries: it "
-                                    "was not submitted with stream=True, or its worker could not reach Redis")
-                return
+                done, ended_at = streams.after_quiet(job_id, await self.peek(job_id), last != "0-0", ended_at,
+                                                     time.monotonic())
+                if done:
+                    return
+                continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id
                 entry = streams.decode_entry(fields)

@@ -49,7 +49,6 @@ _MGET_CHUNK = 1000
 _XREAD_COUNT = 1000
 #: How long ``Client.stream`` waits for a stream end once the job's outcome is stored without
 #: one (the worker's writes lag its result, or were lost while Redis was away).
-STREAM_END_GRACE_S = 5.0
 
 AnyJob = CompletionJob | ChatJob
 IfUnserved = Literal["wait", "fail"]
@@ -384,21 +383,10 @@ class Client:
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
             if not reply:
-                if outcome is None:
-                    continue
-                if isinstance(outcome, JobFailed) and last == "0-0":
-                    raise outcome  # it ended before it streamed anything (cancelled while queued, say)
-                ended_at = ended_at or time.monotonic()
-                if time.monotonic() - ended_at < STREAM_END_GRACE_S:
-                    continue
-                if isinstance(outcome, JobFailed):
-                    raise outcome
-                if last == "0-0":
-                    # Not the job's failure (its result is whole): the stream it was asked for is missing.
-                    raise JobFailed(job_id, "NotStreamed", f"job {job_id} succeeded but wrote no stream entries: it "
-                                    "was not submitted with stream=True (set it on the job), or its worker could "
-                                    "not reach Redis. Client.result has its whole output.")
-                return  # its end was lost; every chunk that could be written was (Client.result has it all)
+                done, ended_at = streams.after_quiet(job_id, outcome, last != "0-0", ended_at, time.monotonic())
+                if done:
+                    return
+                continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id
                 entry = streams.decode_entry(fields)

@@ -22,10 +22,13 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
-from producer.protocol import StreamChunk, StreamEnd, StreamOutcome
+from producer.errors import JobFailed
+from producer.protocol import JobResult, StreamChunk, StreamEnd, StreamOutcome
 
 #: The one field of every entry.
 FIELD = "data"
+#: How long a reader waits for the end entry of a job whose outcome is stored already.
+STREAM_END_GRACE_S = 5.0
 
 
 def encode_chunk(chunk: StreamChunk) -> dict[str, str]:
@@ -52,3 +55,30 @@ def decode_entry(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> StreamChu
         return StreamChunk.model_validate(data)
     except (ValueError, ValidationError) as exc:
         raise ValueError(f"stream entry is neither a StreamChunk nor a StreamEnd ({exc}): {raw[:200]!r}") from None
+
+
+def after_quiet(job_id: str, outcome: JobResult | JobFailed | None, streamed: bool, ended_at: float | None,
+                now: float) -> tuple[bool, float | None]:
+    """A reader's step when its stream has been quiet for a poll interval; ``outcome`` is the
+    job's stored one (None while it runs). Returns (done, when the reader first saw the job
+    ended); raises the job's error, after what it streamed.
+
+    A job cancelled or expired while queued never streams, and a worker that lost Redis drops
+    entries (its end among them): so once the outcome is stored, the end gets
+    ``STREAM_END_GRACE_S`` to arrive, then the stored outcome decides.
+    """
+    if outcome is None:
+        return False, ended_at
+    if isinstance(outcome, JobFailed) and not streamed:
+        raise outcome  # it ended before it streamed anything (cancelled while queued, say)
+    ended_at = ended_at or now
+    if now - ended_at < STREAM_END_GRACE_S:
+        return False, ended_at
+    if isinstance(outcome, JobFailed):
+        raise outcome
+    if not streamed:
+        # Not the job's failure (its result is whole): the stream it was asked for is missing.
+        raise JobFailed(job_id, "NotStreamed", f"job {job_id} succeeded but wrote no stream entries: it was not "
+                        "submitted with stream=True (set it on the job), or its worker could not reach Redis. "
+                        "Its result has the whole output.")
+    return True, ended_at  # its end was lost; every chunk that could be written was

@@ -234,7 +234,7 @@ def test_a_streaming_job_cancelled_while_queued_ends_the_reader_at_once(redis_se
 
 
 def test_a_finished_job_without_a_stream_end_ends_the_reader(worker, client: Client, r) -> None:
-    from producer.client import STREAM_END_GRACE_S
+    from producer.streams import STREAM_END_GRACE_S
 
     # A job not submitted with stream=True: reading its stream says so, once it has finished
     job_id = client.submit(CompletionJob(model=MODEL, prompt="plain", sampling=Sampling(max_tokens=4)))
