@@ -59,6 +59,8 @@ def test_public_api_is_pinned() -> None:
         "TextPart", "Timings", "Usage", "VQueueError", "get_settings",
         # job control (issue 10)
         "JobCancelled", "JobExpired", "JobNotFound", "JobRecord", "Quarantined", "QueueFull", "QueueStats",
+        # streaming (issue 11)
+        "StreamChunk", "StreamEnd",
     }  # fmt: skip
 
 
