@@ -449,6 +449,11 @@ def ratios(summary: dict, workload: str) -> dict:
                 out[f"{mode}/{base}"] = round(tput(mode) / tput(base), 4)
     if tput("serve") and tput("bare"):
         out["serve/bare"] = round(tput("serve") / tput("bare"), 4)
+    # A variant against its own mode (queue:deadline against queue: what the variant costs)
+    for mode in summary:
+        base, _, variant = mode.partition("-")
+        if variant and variant != "defaults" and tput(mode) and tput(base):
+            out[f"{mode}/{base}"] = round(tput(mode) / tput(base), 4)
     if "queue-defaults" in summary and "serve-defaults" in summary:
         q, s = (summary[m]["output_tokens_per_s"]["median"] for m in ("queue-defaults", "serve-defaults"))
         out["queue-defaults/serve-defaults"] = round(q / s, 4)

@@ -46,3 +46,11 @@ def test_ratios_are_of_medians_and_defaults_compare_with_defaults_only() -> None
     summary = {"bare": mode(10, 100), "queue": mode(9, 90), "serve-defaults": mode(5, 50),
                "queue-defaults": mode(8, 80)}  # fmt: skip
     assert ratios(summary, "A") == {"queue/bare": 0.9, "queue-defaults/serve-defaults": 1.6}
+
+
+def test_a_variant_is_compared_with_its_own_mode() -> None:
+    def mode(jobs_per_s: float) -> dict:
+        return {"jobs_per_s": {"median": jobs_per_s}, "output_tokens_per_s": {"median": jobs_per_s * 10}}
+
+    summary = {"queue": mode(10), "queue-deadline": mode(9.5)}
+    assert ratios(summary, "A") == {"queue-deadline/queue": 0.95}
