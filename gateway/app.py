@@ -16,10 +16,10 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +36,7 @@ from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, Stre
 from producer.settings import Settings, get_settings
 
 log = logging.getLogger("vqueue.gateway")
+T = TypeVar("T")
 
 #: A job id, as ``producer.protocol`` allows it (X-Request-Id becomes one).
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -181,19 +182,26 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def outcome_or_gone(gateway: Gateway, request: Request, job_id: str, timeout: float) -> JobResult:
-    """The job's result; the client going away or the timeout passing cancels the job."""
-    waiting = asyncio.ensure_future(gateway.client.outcome(job_id, timeout))
+async def unless_gone(gateway: Gateway, request: Request, job_id: str, pending: Awaitable[T],
+                      when: str = "") -> asyncio.Future[T]:
+    """``pending``, finished, unless the client goes away first: then its job is cancelled (499)."""
+    task = asyncio.ensure_future(pending)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (waiting, gone):
-            if not task.done():
-                task.cancel()
-    if not waiting.done():
-        gateway.cancel_later(job_id, "the client disconnected")
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+    if not task.done():
+        gateway.cancel_later(job_id, f"the client disconnected{when}")
         raise ApiError(499, "ClientClosedRequest", f"client closed the request; job {job_id} cancelled")
+    return task
+
+
+async def outcome_or_gone(gateway: Gateway, request: Request, job_id: str, timeout: float) -> JobResult:
+    """The job's result; the client going away or the timeout passing cancels the job."""
+    waiting = await unless_gone(gateway, request, job_id, gateway.client.outcome(job_id, timeout))
     try:
         outcome = waiting.result()
     except JobTimeout:
@@ -210,17 +218,7 @@ async def first_chunk_or_gone(gateway: Gateway, request: Request, job_id: str,
                               chunks: AsyncIterator[StreamChunk]) -> StreamChunk | None:
     """The stream's first chunk (None: it ended without one); errors, a timeout or the client going
     away as in ``outcome_or_gone``."""
-    first = asyncio.ensure_future(anext(chunks))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (first, gone):
-            if not task.done():
-                task.cancel()
-    if not first.done():
-        gateway.cancel_later(job_id, "the client disconnected before the first token")
-        raise ApiError(499, "ClientClosedRequest", f"client closed the request; job {job_id} cancelled")
+    first = await unless_gone(gateway, request, job_id, anext(chunks), " before the first token")
     try:
         return first.result()
     except StopAsyncIteration:
