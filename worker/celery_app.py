@@ -62,7 +62,7 @@ if settings.redis.url.startswith(("redis://", "rediss://")):
 #: How long a stopping worker waits for its stream entries to be written.
 STREAM_FLUSH_TIMEOUT_S = 5.0
 # Streamed jobs' chunks go from the engine's results reader to one writer thread (worker.streaming).
-stream_writer = streaming.writer = streaming.StreamWriter(lambda: app.backend.client, settings.redis.result_ttl_s)
+stream_writer = streaming.writer = streaming.StreamWriter(settings.redis.result_ttl_s)
 holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key), on_chunks=stream_writer.add)
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
@@ -121,6 +121,7 @@ def _announce(sender: Any = None, **_: Any) -> None:
     prestart_pool_threads(getattr(sender.pool, "executor", None), settings.worker.max_in_flight)
     _heartbeat = Heartbeat(app.backend.client, info, settings.worker.heartbeat_s)
     _heartbeat.start()
+    stream_writer.start(app.backend.client)
     # The backend's Redis client (one pool, as the heartbeat's): no client built at import time.
     _leases = LeaseKeeper(app.backend.client, settings.redis.lease_s)
     _leases.start()

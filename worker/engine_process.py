@@ -211,7 +211,7 @@ class EngineRunner:
         if job.deadline is not None:
             # One timer per job on this loop: nothing polls; at the deadline vLLM aborts it.
             timer = asyncio.get_running_loop().call_later(max(0.0, job.deadline - time.time()),
-                                                          self._expire, live)
+                                                          self._expire, live, job.deadline)
         try:
             request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"  # unique even if a job is delivered twice
             prompt = await prompts.render(self.engine.renderer, job, messages)
@@ -258,7 +258,15 @@ class EngineRunner:
                                     enqueued_at=enqueued_at, handed_at=handed_at, outcome=outcome,
                                     completions=completions)
 
-    def _expire(self, live: Live) -> None:
+    def _expire(self, live: Live, deadline: float) -> None:
+        if live.done:
+            return
+        early = deadline - time.time()
+        if early > 0:
+            # asyncio's timers run on the monotonic clock and may fire up to its resolution
+            # early; the deadline is wall-clock time, and a job is never expired before it.
+            asyncio.get_running_loop().call_later(early, self._expire, live, deadline)
+            return
         if live.reason is None:
             live.reason = "expired"
             if live.request_id is not None:
