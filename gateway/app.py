@@ -3,7 +3,7 @@
 Stateless (any number of gateways may serve one Redis) and async all the way: one
 ``producer.aio.AsyncClient`` per process (one Redis pool, one pub/sub connection for all
 waiting requests). Each request is one job: submitted, awaited (or streamed), answered in
-vLLM's shapes (``gateway.protocol``). A client that goes away, or a request whose own timeout
+vLLM's shapes (``producer.openai_api``). A client that goes away, or a request whose own timeout
 passes, cancels its job.
 """
 
@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from importlib import metadata
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,11 +26,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from gateway import protocol
-from gateway.errors import ApiError, bad_request, not_found, unauthorized
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.errors import ApiError, bad_request, not_found, response, unauthorized
+from producer import openai_api as protocol
 from producer.aio import AsyncClient
-from producer.errors import BrokerUnavailable, InvalidJob, JobCancelled, JobExpired, JobFailed, JobTimeout, QueueFull
+from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout, QueueFull
+from producer.openai_api import ChatCompletionRequest, CompletionRequest, failure, version
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, StreamChunk
 from producer.settings import Settings, get_settings
 
@@ -46,20 +45,13 @@ _DEADLINE_GRACE_S = 5.0
 _background: set[asyncio.Task[Any]] = set()
 
 
-def version() -> str:
-    try:
-        return metadata.version("vqueue")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 class Gateway:
     """The per-process state: settings, the async client, a short cache of served models."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = AsyncClient(settings, max_connections=settings.gateway.redis_max_connections)
-        self.fingerprint = f"{protocol.SYSTEM_FINGERPRINT_PREFIX}{version()}"
+        self.fingerprint = protocol.system_fingerprint()
         self._models: list[ModelInfo] = []
         self._models_at = -1e9
         self._models_reading: asyncio.Future[None] | None = None
@@ -231,20 +223,6 @@ async def first_chunk_or_gone(gateway: Gateway, request: Request, job_id: str,
         raise failure(exc) from None
 
 
-def failure(exc: JobFailed) -> ApiError:
-    """A job's failure as the status an OpenAI client branches on."""
-    if isinstance(exc, JobExpired):
-        return ApiError(504, "GatewayTimeoutError", f"job {exc.job_id}: its deadline (timeout_s) passed before it "
-                        f"finished: {exc.error}")
-    if isinstance(exc, JobCancelled):
-        return ApiError(410, "CancelledError", f"job {exc.job_id} was cancelled: {exc.error}. Send the request again "
-                        "with another X-Request-Id to run it again.")
-    if exc.error_type == "InvalidJob":
-        param = protocol.param_of(tuple((exc.field or "").split(".")), ("sampling",)) or None
-        return bad_request(param, exc.error)
-    return ApiError(500, "InternalServerError", str(exc))
-
-
 # -- streaming -----------------------------------------------------------------------------
 
 
@@ -400,22 +378,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return response(exc)
 
     @app.exception_handler(BrokerUnavailable)
     async def _redis_down(request: Request, exc: BrokerUnavailable) -> JSONResponse:
-        return ApiError(503, "ServiceUnavailableError", str(exc)).response()
+        return response(ApiError(503, "ServiceUnavailableError", str(exc)))
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         retry = str(settings.gateway.retry_after_s)
-        return ApiError(429, "RateLimitError", str(exc), None, {"Retry-After": retry}).response()
+        return response(ApiError(429, "RateLimitError", str(exc), None, {"Retry-After": retry}))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = protocol.param_of(tuple(first.get("loc", ())))
-        return bad_request(param or None, f"{param}: {first.get('msg')}").response()
+        return response(bad_request(param or None, f"{param}: {first.get('msg')}"))
 
     @app.get("/health")
     async def health(request: Request) -> Response:

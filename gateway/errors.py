@@ -19,28 +19,13 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+from producer.openai_api import ApiError, bad_request
 
-class ApiError(Exception):
-    """An answer other than 200, raised anywhere in a request and written by the app's handler."""
-
-    def __init__(self, status: int, kind: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.message = message
-        self.param = param
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+__all__ = ["ApiError", "bad_request", "not_found", "response", "unauthorized"]
 
 
-def bad_request(param: str | None, message: str) -> ApiError:
-    return ApiError(400, "BadRequestError", message, param)
+def response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def not_found(model: str, served: list[str]) -> ApiError:

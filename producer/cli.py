@@ -7,6 +7,7 @@
     vqueue queue [--json]            vqueue queue purge MODEL
     vqueue dead                      vqueue dead retry JOB_ID / vqueue dead purge
     vqueue gateway [--port 8000]     the OpenAI-compatible HTTP API
+    vqueue batch run in.jsonl -o out.jsonl     vqueue batch status / cancel BATCH_ID
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from producer.batch_cli import batch_app
 from producer.client import Client
 from producer.errors import (
     BrokerUnavailable,
@@ -356,6 +358,8 @@ def show(job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: 
         return
     _show_record(record)
 
+
+app.add_typer(batch_app, name="batch")
 
 queue_app = typer.Typer(help="The models' queues: what waits, what runs, how fast; purge.")
 app.add_typer(queue_app, name="queue")

@@ -43,8 +43,8 @@ from producer.protocol import (
 )
 from producer.settings import Settings, get_settings
 from producer.transport import JobPublisher, Outgoing, make_celery
+from producer.watch import OutcomeWatcher
 
-_MGET_CHUNK = 1000
 #: Stream entries one XREAD returns at most.
 _XREAD_COUNT = 1000
 #: How long ``Client.stream`` waits for a stream end once the job's outcome is stored without
@@ -71,6 +71,11 @@ class Client:
         self.publisher = JobPublisher(self._celery, self._redis)
         self._cancel = self._redis.register_script(records.CANCEL)
         self._purge = self._redis.register_script(records.PURGE)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """This client's Redis connection (one pool; thread-safe)."""
+        return self._redis
 
     def close(self) -> None:
         self._redis.close()
@@ -108,6 +113,35 @@ class Client:
         with self._reaching_redis():
             self._check_backlog(jobs)
             self.publisher.publish(messages, blob_ttl_s=self.settings.redis.result_ttl_s)
+        return [job.id for job in jobs]
+
+    def submit_new(self, jobs: Iterable[AnyJob]) -> list[str]:
+        """Enqueue those of ``jobs`` whose id Redis holds no record of; returns the ids enqueued.
+
+        For callers that may send the same jobs again (a batch file run again after a crash):
+        a job is enqueued with its record in one MULTI/EXEC, so a record means its message
+        was queued, and a job sent twice runs once. Callers must not race each other on the
+        same ids (a batch holds a lease for that). ``QueueFull`` as ``submit_many``.
+        """
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        with self._reaching_redis():
+            with self._redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.exists(keys.job_key(job.id))
+                known = pipe.execute()
+            jobs = [job for job, seen in zip(jobs, known, strict=True) if not seen]
+            if not jobs:
+                return []
+            messages = [self.prepare(job) for job in jobs]
+            self._check_backlog(jobs)
+            for queue in dict.fromkeys(m.queue for m in messages):
+                self.publisher.declare(queue)
+            with self._redis.pipeline(transaction=True) as pipe:
+                for m in messages:
+                    self.publisher.stage(pipe, m, self.settings.redis.result_ttl_s)
+                pipe.execute()
         return [job.id for job in jobs]
 
     def _check_backlog(self, jobs: list[AnyJob]) -> None:
@@ -420,55 +454,27 @@ class Client:
         """
         timeout = self.settings.producer.default_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        pending = dict.fromkeys(job_ids)
-        outage: BaseException | None = None
-        while pending:
-            try:
-                yield from self._listen(pending, deadline, timeout)
-                return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # Redis restarting: results written before or after it are all still read
-                # (stored results outlive a restart with AOF); wait it out until the deadline.
-                outage = exc
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(self.settings.redis.url, outage) from None
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        with self.watcher() as watcher:
+            watcher.add(job_ids)
+            while watcher.pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    first = watcher.pending_ids()[0]
+                    raise JobTimeout(first, self._where_is(first, timeout, watcher.pending))
+                try:
+                    yield from watcher.wait(remaining)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # Redis restarting: results written before or after it are all still read
+                    # (stored results outlive a restart with AOF); wait it out until the deadline.
+                    if time.monotonic() >= deadline:
+                        raise BrokerUnavailable(self.settings.redis.url, exc) from None
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
-    def _listen(self, pending: dict[str, None], deadline: float, timeout: float) -> Iterator[JobResult | JobFailed]:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            for chunk in _chunks(list(pending)):
-                pubsub.subscribe(*(keys.result_key(j) for j in chunk))
-            next_sweep = 0.0  # the first sweep finds results written before we subscribed
-            while pending:
-                now = time.monotonic()
-                if now >= next_sweep:
-                    yield from self._sweep(pending)
-                    next_sweep = now + self.settings.producer.poll_interval_s
-                    continue
-                if now >= deadline:
-                    first = next(iter(pending))
-                    raise JobTimeout(first, self._where_is(first, timeout, len(pending)))
-                message = pubsub.get_message(timeout=min(deadline, next_sweep) - now)
-                if message is None or message["type"] != "message":
-                    continue
-                job_id = message["channel"].decode()[len(keys.RESULT_KEY_PREFIX) :]
-                outcome = decode_meta(job_id, message["data"])
-                if outcome is not None and job_id in pending:
-                    del pending[job_id]
-                    yield outcome
-        finally:
-            with contextlib.suppress(redis.RedisError):
-                pubsub.close()
-
-    def _sweep(self, pending: dict[str, None]) -> Iterator[JobResult | JobFailed]:
-        """Yield (and drop from ``pending``) every job whose result is already stored."""
-        for chunk in _chunks(list(pending)):
-            for job_id, raw in zip(chunk, self._redis.mget([keys.result_key(j) for j in chunk]), strict=True):
-                outcome = decode_meta(job_id, raw)
-                if outcome is not None:
-                    del pending[job_id]
-                    yield outcome
+    def watcher(self) -> OutcomeWatcher:
+        """A watcher of job outcomes on this client's Redis (``producer.watch``): ``add`` job ids
+        whenever, ``wait`` for those stored. For callers whose set of jobs changes as they go
+        (a batch file submits more as earlier lines finish); ``as_completed`` is built on it."""
+        return OutcomeWatcher(self._redis, self.settings.producer.poll_interval_s)
 
     def state(self, job_id: str) -> str:
         """The job's Celery state: PENDING (queued or unknown), STARTED (a worker took it), SUCCESS,
@@ -553,11 +559,6 @@ def _job_id_of(envelope: bytes) -> str | None:
     except (ValueError, KeyError, TypeError):
         return None
     return job_id if isinstance(job_id, str) else None
-
-
-def _chunks(items: list[str], size: int = _MGET_CHUNK) -> Iterator[list[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _part_repr(part: Any) -> str:

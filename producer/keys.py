@@ -73,6 +73,15 @@ key                                type     holds
                                             served model, source, max_model_len, modalities,
                                             started time); TTL 3 x ``worker.heartbeat_s``,
                                             refreshed every ``worker.heartbeat_s``
+``vqueue:batch:<batch id>``        hash     a batch file's state (``producer.batch``):
+                                            lines, created_at, deadline, status, counts,
+                                            files; its jobs are ``<batch id>-<line>``
+                                            (``batch_job_id``); TTL ``redis.result_ttl_s``
+                                            after it ends (none while it runs)
+``vqueue:batch:<batch id>:owner``  string   who is running the batch now (a lease: one
+                                            runner at a time, renewed while it runs); TTL
+                                            ``batch.lease_s``
+``vqueue:batches``                 zset     batch ids the gateway accepted, by creation time
 =================================  =======  ==============================================
 """
 
@@ -97,6 +106,9 @@ STREAM_KEY_PREFIX = "vqueue:stream:"
 CANCEL_KEY_PREFIX = "vqueue:cancel:"
 #: The pub/sub channel cancelled job ids are published on (see ``worker.job_control``).
 CANCEL_CHANNEL = "vqueue:cancel"
+BATCH_KEY_PREFIX = "vqueue:batch:"
+#: Every batch the gateway accepted (``/v1/batches``), newest first by creation time.
+BATCHES_KEY = "vqueue:batches"
 #: kombu's Redis transport names priority step k of queue q ``q + "\x06\x16" + str(k)`` (k > 0).
 KOMBU_PRIORITY_SEP = "\x06\x16"
 #: vqueue priorities: 0-9, a higher number runs first.
@@ -135,6 +147,26 @@ def queue_of_list(name: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{BATCH_KEY_PREFIX}{batch_id}"
+
+
+def batch_owner_key(batch_id: str) -> str:
+    return f"{BATCH_KEY_PREFIX}{batch_id}:owner"
+
+
+def batch_job_id(batch_id: str, line: int) -> str:
+    """The job of line ``line`` (0-based) of batch ``batch_id``: the same every time the batch
+    is run, so a batch run again after a crash submits nothing twice."""
+    return f"{batch_id}-{line}"
+
+
+def batch_line_of(job_id: str) -> int | None:
+    """The line ``batch_job_id`` made ``job_id`` from (None: not a batch job id)."""
+    _, sep, line = job_id.rpartition("-")
+    return int(line) if sep and line.isdigit() else None
 
 
 def stream_key(job_id: str) -> str:

@@ -186,9 +186,34 @@ class GatewaySettings(_Section):
     redis_max_connections: int = Field(1024, ge=8)
 
 
+class BatchSettings(_Section):
+    """Batch files: ``vqueue batch run`` and the gateway's ``/v1/batches`` (``producer.batch``)."""
+
+    #: Lines of one batch queued or running at once; the next are submitted as these finish.
+    #: Enough to keep the engines full (the sum of the workers' worker.max_in_flight), and it
+    #: bounds what a batch holds in memory and adds to the backlog (queue.max_backlog).
+    window: int = Field(4096, ge=1)
+    #: A batch has one runner at a time (a CLI or a gateway), holding a lease it renews every
+    #: lease_s / 3; a runner that died loses the batch to the next one after lease_s.
+    lease_s: int = Field(30, ge=3)
+    #: Output files are fsync'ed this often (a machine that reboots loses at most this much of
+    #: them; the lost lines are written again from Redis when the batch is run again).
+    fsync_every_s: float = Field(5.0, gt=0)
+
+
+class FilesSettings(_Section):
+    """The gateway's ``/v1/files``: uploaded batch inputs and the batches' output files."""
+
+    #: A folder every gateway can reach (a shared volume when several run).
+    dir: str = "vqueue-files"
+    #: The largest file ``/v1/files`` accepts (OpenAI's limit is 200 MB for batch inputs).
+    max_bytes: int = Field(200 * 2**20, ge=1)
+
+
 class Settings(BaseSettings):
     """Every setting of vqueue, in sections (``redis``, ``model``, ``engine``, ``worker``,
-    ``producer``, ``queue``, ``gateway``). Build one directly in tests: ``Settings(redis={"url": ...})``."""
+    ``producer``, ``queue``, ``gateway``, ``batch``, ``files``). Build one directly in tests:
+    ``Settings(redis={"url": ...})``."""
 
     model_config = SettingsConfigDict(
         env_prefix="VQUEUE_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
@@ -203,6 +228,8 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     testing: TestingSettings = TestingSettings()
     gateway: GatewaySettings = GatewaySettings()
+    batch: BatchSettings = BatchSettings()
+    files: FilesSettings = FilesSettings()
 
     @model_validator(mode="after")
     def _engine_ping_within_lease(self) -> Settings:

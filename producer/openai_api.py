@@ -1,4 +1,6 @@
-"""OpenAI request bodies as vLLM's server reads them, mapped onto vqueue jobs; vLLM's response shapes.
+"""OpenAI request bodies as vLLM's server reads them, mapped onto vqueue jobs; vLLM's response
+shapes; and OpenAI's error shape. One home for the gateway (``gateway/``) and batch files
+(``producer.batch``): no web framework here, so an application that only enqueues can use it.
 
 The request models name every parameter vLLM's ``CompletionRequest`` / ``ChatCompletionRequest``
 accept (vllm/entrypoints/openai/{completion,chat_completion}/protocol.py). Those vqueue carries
@@ -15,12 +17,50 @@ from __future__ import annotations
 
 import json
 import time
+from importlib import metadata
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.errors import ApiError, bad_request
+from producer.errors import JobCancelled, JobExpired, JobFailed
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, Sampling, TokenLogprob
+
+
+class ApiError(Exception):
+    """An answer other than 200 in OpenAI's error shape (``{"error": {"message", "type", "param",
+    "code"}}``, as vLLM's ``ErrorResponse`` writes it: ``type`` an exception-like name, ``code``
+    the HTTP status). The gateway answers with it; a batch file's error lines carry it."""
+
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
+
+def bad_request(param: str | None, message: str) -> ApiError:
+    return ApiError(400, "BadRequestError", message, param)
+
+
+def failure(exc: JobFailed) -> ApiError:
+    """A job's failure as the status an OpenAI client branches on."""
+    if isinstance(exc, JobExpired):
+        return ApiError(504, "GatewayTimeoutError", f"job {exc.job_id}: its deadline (timeout_s) passed before it "
+                        f"finished: {exc.error}")
+    if isinstance(exc, JobCancelled):
+        return ApiError(410, "CancelledError", f"job {exc.job_id} was cancelled: {exc.error}. Send the request again "
+                        "with another X-Request-Id to run it again.")
+    if exc.error_type == "InvalidJob":
+        param = param_of(tuple((exc.field or "").split(".")), ("sampling",)) or None
+        return bad_request(param, exc.error)
+    return ApiError(500, "InternalServerError", str(exc))
+
 
 #: vLLM's default ``max_tokens`` for /v1/completions (chat's is what is left of the context).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -225,6 +265,17 @@ def validation_error(exc: ValidationError, strip: tuple[str, ...] = ()) -> ApiEr
 # -- responses ---------------------------------------------------------------------------
 
 SYSTEM_FINGERPRINT_PREFIX = "vqueue-"
+
+
+def version() -> str:
+    try:
+        return metadata.version("vqueue")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def system_fingerprint() -> str:
+    return f"{SYSTEM_FINGERPRINT_PREFIX}{version()}"
 
 
 def _usage(result: JobResult) -> dict[str, Any]:
