@@ -365,7 +365,11 @@ def test_client_disconnect_cancels_the_running_job(gateway: GatewayProcess, clie
     # Then the job is cancelled, with what it produced until then, and leaves the engine
     with pytest.raises(JobCancelled) as info:
         client.result(job_id, timeout=60)
-    assert info.value.partial is not None and 0 < info.value.partial.usage.completion_tokens < 900
+    partial = info.value.partial
+    assert partial is not None and partial.usage.completion_tokens < 900
+    # Only a stream shows that tokens came before the client left; a plain request may go away
+    # before the first one (then its partial output is empty, as it should be)
+    assert partial.usage.completion_tokens > 0 or not stream
     assert client.job(job_id).state == "cancelled"
     wait_for(lambda: worker_in_flight(r) == 0, 15, "the worker's in-flight count to drop to 0")
 
