@@ -17,8 +17,9 @@ import redis
 import yaml
 
 from devtools.redis_server import free_port
-from producer import Client, CompletionJob, JobTimeout, Sampling, Settings
+from producer import Client, CompletionJob, JobTimeout, Sampling, Settings, keys
 from producer.errors import BrokerUnavailable
+from producer.protocol import WorkerInfo
 from tests.conftest import MODEL, ROOT
 
 WORKER_CMD = ["celery", "-A", "worker", "worker"]
@@ -227,3 +228,36 @@ def test_cli_complete_chat_and_result(worker, redis_server) -> None:
 
     bad = run("complete", "x", "--max-tokens", "0")
     assert bad.returncode == 2 and "max_tokens" in bad.stderr
+
+
+def _vqueue(*args: str, redis_url: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "VQUEUE_REDIS__URL": redis_url, "COLUMNS": "200", **env}
+    return subprocess.run([str(Path(sys.executable).with_name("vqueue")), *args], env=environment, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_health_check_passes_for_this_hosts_live_worker(worker, redis_server) -> None:
+    # Bug caught: a health check that looks for the wrong key or node name (compose and
+    # Kubernetes would restart a healthy worker forever), or passes without reading Redis.
+    check = _vqueue("health", "--worker", redis_url=redis_server.url)
+    assert check.returncode == 0, check.stderr
+    assert f"serves {MODEL}" in check.stdout and "last heartbeat" in check.stdout
+    assert _vqueue("health", redis_url=redis_server.url).returncode == 0
+
+
+def test_health_check_fails_on_a_stale_or_absent_heartbeat_and_on_redis_down(redis_server) -> None:
+    # Bug caught: a worker whose heartbeat stopped (hung, killed, cut off) still reported healthy.
+    r = redis.Redis.from_url(redis_server.url)
+    name = "celery@health-check-test"
+    r.set(keys.worker_key(name), WorkerInfo(hostname=name, served_name="m", source="s", max_model_len=16,
+                                            max_in_flight=1, modalities=["text"], started_at=time.time())
+          .model_dump_json(), px=600)  # fmt: skip
+    fresh = _vqueue("health", "--worker", "--hostname", name, redis_url=redis_server.url)
+    assert fresh.returncode == 0, fresh.stderr
+    time.sleep(0.7)  # the beat was not renewed: its key expired
+    stale = _vqueue("health", "--worker", "--hostname", name, redis_url=redis_server.url)
+    assert stale.returncode == 1 and f"no heartbeat from {name}" in stale.stderr
+    absent = _vqueue("health", "--worker", "--hostname", "celery@no-such-worker", redis_url=redis_server.url)
+    assert absent.returncode == 1
+    down = _vqueue("health", "--worker", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert down.returncode == 4 and "redis.url" in down.stderr
