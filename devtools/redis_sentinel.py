@@ -102,15 +102,18 @@ class SentinelGroup:
 
     def failover(self) -> int:
         """A planned failover: the sentinel promotes the replica and turns the old master into
-        its replica. Returns the new master's port once it answers as master."""
+        its replica. Returns the new master's port once both have their new roles."""
         old = self.master_port()
         self.sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
 
-        def promoted() -> bool:
+        def done() -> bool:
             port = self.master_port()
-            return port != old and self.server(port).info("replication")["role"] == "master"
+            return port != old and self.server(port).info("replication")["role"] == "master" \
+                and self.server(old).info("replication")["role"] == "slave"
 
-        self._wait(promoted, "the failover")
+        # Done once the old master is demoted too: until then, a client still holding a
+        # connection to it could write there (Sentinel's split-brain window).
+        self._wait(done, "the failover")
         return self.master_port()
 
     def close(self) -> None:

@@ -37,8 +37,9 @@ def _submit(client: Client, per_priority: int, tag: str) -> dict[int, list[str]]
 
 
 def _ids_in_lists(r: redis.Redis) -> dict[int, set[str]]:
-    """The job ids in each priority list of the unserved model's queue, read raw from one server."""
-    return {p: {job_id_of(m) for m in r.lrange(name, 0, -1)} for p, name in keys.queue_lists(UNSERVED).items()}
+    """The job ids in each non-empty priority list of the unserved model's queue, read raw from one server."""
+    found = {p: {job_id_of(m) for m in r.lrange(name, 0, -1)} for p, name in keys.queue_lists(UNSERVED).items()}
+    return {p: ids for p, ids in found.items() if ids}
 
 
 def _assert_every_job_queued(client: Client, ids: dict[int, list[str]]) -> None:
