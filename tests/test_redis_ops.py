@@ -23,6 +23,7 @@ from devtools.redis_server import RedisServer
 from producer import Client, CompletionJob, Settings, keys
 from producer.aio import AsyncClient
 from producer.connections import sentinel_target
+from producer.errors import redact_url
 from tests.conftest import ROOT
 from worker.broker import job_id_of
 
@@ -69,6 +70,9 @@ def test_settings_refuse_a_sentinel_url_without_its_master_and_the_reverse() -> 
     target = sentinel_target(Settings(redis={"url": "sentinel://:p%40ss@s1:26380/3;sentinel://s2/3",
                                              "sentinel_master": "m"}).redis)  # fmt: skip
     assert target.sentinels == [("s1", 26380), ("s2", 26379)] and target.db == 3 and target.password == "p@ss"
+    # Error messages mask the password of every address (BrokerUnavailable prints redis.url).
+    assert redact_url("sentinel://:pw1@s1:26379/0;sentinel://:pw2@s2:26379/0") == \
+        "sentinel://:***@s1:26379/0;sentinel://:***@s2:26379/0"
 
 
 def test_worker_broker_and_result_backend_resolve_a_sentinel_url() -> None:
