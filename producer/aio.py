@@ -24,7 +24,7 @@ import redis
 import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 
-from producer import keys, records, streams
+from producer import connections, keys, records, streams
 from producer.client import Client, cancel_said, models_of
 from producer.errors import BrokerUnavailable, JobFailed, JobTimeout, QueueFull
 from producer.outcomes import decode_meta, revoked_meta
@@ -66,9 +66,7 @@ class AsyncClient:
         # A blocking pool: past ``max_connections`` (each streaming reader holds one while its XREAD
         # blocks, up to producer.poll_interval_s) a call waits for a free connection rather than
         # failing (redis-py's own pool raises at 100).
-        pool = aioredis.BlockingConnectionPool.from_url(self.settings.redis.url, max_connections=max_connections,
-                                                        timeout=30, health_check_interval=30)
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = connections.async_redis(self.settings, max_connections=max_connections, timeout_s=30)
         self._claim = self._redis.register_script(CLAIM)
         self._cancel = self._redis.register_script(records.CANCEL)
         self._waiter = _ResultWaiter(self._redis, self.settings.producer.poll_interval_s)

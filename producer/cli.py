@@ -8,6 +8,7 @@
     vqueue dead                      vqueue dead retry JOB_ID / vqueue dead purge
     vqueue gateway [--port 8000]     the OpenAI-compatible HTTP API
     vqueue batch run in.jsonl -o out.jsonl     vqueue batch status / cancel BATCH_ID
+    vqueue health [--worker]         exit 0 if Redis answers [and this host's worker beats]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from producer import keys
 from producer.batch_cli import batch_app
 from producer.client import Client
 from producer.errors import (
@@ -246,6 +248,35 @@ def result(
     """Wait for a job's result and print it."""
     with Client() as client:
         _wait(client, job_id, timeout, as_json)
+
+
+@app.command()
+def health(
+    worker: Annotated[bool, typer.Option("--worker", help="Also check that this host's worker renews its "
+                                         "heartbeat in Redis (its `vqueue models` announcement).")] = False,
+    hostname: Annotated[str | None, typer.Option(help="The worker's Celery node name (default: celery@ this "
+                                                 "host's name, as `celery -A worker worker` names itself).")] = None,
+) -> None:
+    """Exit 0 when Redis answers (and, with --worker, this host's worker heartbeat is fresh);
+    1 when the worker's heartbeat is missing; 4 when Redis is unreachable. For health checks
+    (compose, Kubernetes probes): it reads Redis, never logs."""
+    with Client() as client:
+        if not worker:
+            client.queue_length(_settings.model.served_name)  # one round trip; BrokerUnavailable -> 4
+            out.print("redis ok")
+            return
+        from celery.utils.nodenames import default_nodename
+
+        name = hostname or default_nodename(None)
+        found = client.heartbeat(name)
+    if found is None:
+        err.print(f"no heartbeat from {name} in Redis: the worker is not running, still loading its engine, or "
+                  f"stopped renewing (it expires after {keys.HEARTBEAT_TTL_BEATS} x worker.heartbeat_s = "
+                  f"{keys.HEARTBEAT_TTL_BEATS * _settings.worker.heartbeat_s:g} s)", markup=False)
+        raise typer.Exit(1)
+    info, age_s = found
+    out.print(f"{name} serves {info.served_name}: last heartbeat {age_s:.1f} s ago, {info.in_flight} job(s) in flight",
+              markup=False, highlight=False)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import redis
 from kombu.exceptions import OperationalError
 
-from producer import keys, records, streams
+from producer import connections, keys, records, streams
 from producer.errors import (
     BrokerUnavailable,
     JobCancelled,
@@ -66,7 +66,7 @@ class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self._celery = make_celery(self.settings, name="vqueue-producer", results=False)
-        self._redis = redis.Redis.from_url(self.settings.redis.url)
+        self._redis = connections.redis_client(self.settings)
         #: Sends prepared messages (``prepare``); the asyncio client stages them through it too.
         self.publisher = JobPublisher(self._celery, self._redis)
         self._cancel = self._redis.register_script(records.CANCEL)
@@ -475,6 +475,19 @@ class Client:
         whenever, ``wait`` for those stored. For callers whose set of jobs changes as they go
         (a batch file submits more as earlier lines finish); ``as_completed`` is built on it."""
         return OutcomeWatcher(self._redis, self.settings.producer.poll_interval_s)
+
+    def heartbeat(self, hostname: str) -> tuple[WorkerInfo, float] | None:
+        """Worker ``hostname``'s announcement and the seconds since it last renewed it, or None
+        once it is gone (it expires ``keys.HEARTBEAT_TTL_BEATS`` beats after the last renewal).
+
+        The age is read from the key's remaining TTL, so it assumes the worker runs with this
+        client's ``worker.heartbeat_s`` (the same settings, as in a health check beside it)."""
+        with self._reaching_redis(), self._redis.pipeline(transaction=False) as pipe:
+            raw, ttl_ms = pipe.get(keys.worker_key(hostname)).pttl(keys.worker_key(hostname)).execute()
+        if raw is None:
+            return None
+        full_ms = self.settings.worker.heartbeat_s * keys.HEARTBEAT_TTL_BEATS * 1000
+        return WorkerInfo.model_validate_json(raw), max(0.0, (full_ms - max(ttl_ms, 0)) / 1000)
 
     def state(self, job_id: str) -> str:
         """The job's Celery state: PENDING (queued or unknown), STARTED (a worker took it), SUCCESS,

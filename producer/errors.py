@@ -136,7 +136,10 @@ class BrokerUnavailable(VQueueError):
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced, for messages and logs."""
+    """``url`` with its password replaced, for messages and logs; each address of a
+    ``sentinel://a;sentinel://b`` URL on its own."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not sep or not at:

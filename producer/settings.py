@@ -31,7 +31,11 @@ class _Section(BaseModel):
 
 
 class RedisSettings(_Section):
+    #: ``redis://``, ``rediss://`` (TLS) or kombu's ``sentinel://s1:26379;sentinel://s2:26379``
+    #: form (``producer.connections`` says how each is used).
     url: str = "redis://127.0.0.1:6379/0"
+    #: With a ``sentinel://`` url: the master's name in the sentinels' ``sentinel monitor`` line.
+    sentinel_master: str | None = None
     #: How long a dead worker's jobs wait before they go back to the queue. A live worker
     #: renews the lease of every job it holds every lease_s / 6 seconds, so a job that runs
     #: for hours is never delivered twice; only a worker that stopped renewing (killed, hung,
@@ -42,6 +46,22 @@ class RedisSettings(_Section):
     lease_s: int = Field(60, ge=10, validation_alias=AliasChoices("lease_s", "visibility_timeout_s"))
     #: Results stay readable this long after a job ends.
     result_ttl_s: int = Field(86400, ge=60)
+
+    @model_validator(mode="after")
+    def _sentinel_needs_its_master(self) -> RedisSettings:
+        sentinel = self.url.startswith("sentinel://")
+        if sentinel and not self.sentinel_master:
+            raise ValueError("redis.url is a sentinel:// URL: set redis.sentinel_master "
+                             "(VQUEUE_REDIS__SENTINEL_MASTER) to the master's name in the sentinels' "
+                             "`sentinel monitor NAME host port quorum` line")
+        if self.sentinel_master and not sentinel:
+            raise ValueError(f"redis.sentinel_master is {self.sentinel_master!r} but redis.url is not a "
+                             "sentinel:// URL: give the sentinels as "
+                             "sentinel://:PASSWORD@s1:26379/0;sentinel://s2:26379/0, or unset redis.sentinel_master")
+        if sentinel and "?" in self.url:
+            raise ValueError("redis.url: a sentinel:// URL takes no ?options (TLS through Sentinel is not supported "
+                             "here); use sentinel://:PASSWORD@host:26379/0;sentinel://host2:26379/0")
+        return self
 
 
 class ModelSettings(_Section):

@@ -14,7 +14,7 @@ import redis
 import redis.asyncio
 from celery import Celery
 
-from producer import keys
+from producer import connections, keys
 from producer.settings import Settings
 
 
@@ -33,7 +33,9 @@ def make_celery(settings: Settings, name: str = "vqueue", results: bool = True) 
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        broker_transport_options={**lease_options(settings), **priority_options()},
+        broker_transport_options={**lease_options(settings), **priority_options(),
+                                  **connections.celery_transport_options(settings)},
+        result_backend_transport_options=connections.celery_transport_options(settings),
         result_expires=settings.redis.result_ttl_s,
         # One result backend (one Redis connection pool) for all pool threads: Celery otherwise
         # builds a backend and a Redis client per thread, on each thread's first job, inside the

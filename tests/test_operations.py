@@ -17,8 +17,9 @@ import redis
 import yaml
 
 from devtools.redis_server import free_port
-from producer import Client, CompletionJob, JobTimeout, Sampling, Settings
+from producer import Client, CompletionJob, JobTimeout, Sampling, Settings, keys
 from producer.errors import BrokerUnavailable
+from producer.protocol import WorkerInfo
 from tests.conftest import MODEL, ROOT
 
 WORKER_CMD = ["celery", "-A", "worker", "worker"]
@@ -36,6 +37,15 @@ def test_compose_runs_the_commands_the_readme_and_tests_use() -> None:
     assert "vqueue gateway" in readme
     # The tests start the worker with the same command (plus logging flags only).
     assert '"-A", "worker", "worker"' in (ROOT / "devtools" / "worker_process.py").read_text()
+
+
+#: The worker's Prometheus port (settings ``metrics.port``, issue 14's metrics part).
+WORKER_METRICS_PORT = 9400
+HEALTH_CHECK = ["vqueue", "health", "--worker"]
+
+
+def _workers(compose: dict) -> dict[str, dict]:
+    return {name: service for name, service in compose.items() if service.get("command") == WORKER_CMD}
 
 
 def _required_variable(value: str, name: str) -> bool:
@@ -61,8 +71,10 @@ def test_compose_is_safe_by_default() -> None:
     for service in compose.values():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{port} is published on every interface"
-    # The worker, the gateway and Flower reach Redis with that password.
-    for name in ("worker", "gateway", "flower"):
+    # Every worker, the gateway and Flower reach Redis with that password.
+    users = [name for name, service in compose.items() if "VQUEUE_REDIS__URL" in service.get("environment", {})]
+    assert sorted(users) == sorted([*_workers(compose), "gateway", "flower"])
+    for name in users:
         url = compose[name]["environment"]["VQUEUE_REDIS__URL"]
         scheme, _, rest = url.partition("://:")
         password, _, host = rest.rpartition("@")
@@ -82,6 +94,10 @@ def test_no_secret_is_in_the_repository() -> None:
     assert re.search(r"^REDIS_PASSWORD=change-me", example, re.M) and re.search(r"^FLOWER_BASIC_AUTH=\w+:change-me",
                                                                                 example, re.M)  # fmt: skip
     assert re.search(r"^GATEWAY_API_KEY=change-me", example, re.M)
+    assert re.search(r"^GRAFANA_ADMIN_PASSWORD=change-me", example, re.M)
+    # Every variable compose requires is in the example, and nothing else.
+    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "compose.yaml").read_text()))
+    assert required == set(re.findall(r"^(\w+)=", example, re.M))
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert ".env" not in tracked
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
@@ -227,3 +243,118 @@ def test_cli_complete_chat_and_result(worker, redis_server) -> None:
 
     bad = run("complete", "x", "--max-tokens", "0")
     assert bad.returncode == 2 and "max_tokens" in bad.stderr
+
+
+def _vqueue(*args: str, redis_url: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "VQUEUE_REDIS__URL": redis_url, "COLUMNS": "200", **env}
+    return subprocess.run([str(Path(sys.executable).with_name("vqueue")), *args], env=environment, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_health_check_passes_for_this_hosts_live_worker(worker, redis_server) -> None:
+    # Bug caught: a health check that looks for the wrong key or node name (compose and
+    # Kubernetes would restart a healthy worker forever), or passes without reading Redis.
+    check = _vqueue("health", "--worker", redis_url=redis_server.url)
+    assert check.returncode == 0, check.stderr
+    assert f"serves {MODEL}" in check.stdout and "last heartbeat" in check.stdout
+    assert _vqueue("health", redis_url=redis_server.url).returncode == 0
+
+
+def test_health_check_fails_on_a_stale_or_absent_heartbeat_and_on_redis_down(redis_server) -> None:
+    # Bug caught: a worker whose heartbeat stopped (hung, killed, cut off) still reported healthy.
+    r = redis.Redis.from_url(redis_server.url)
+    name = "celery@health-check-test"
+    r.set(keys.worker_key(name), WorkerInfo(hostname=name, served_name="m", source="s", max_model_len=16,
+                                            max_in_flight=1, modalities=["text"], started_at=time.time())
+          .model_dump_json(), px=600)  # fmt: skip
+    fresh = _vqueue("health", "--worker", "--hostname", name, redis_url=redis_server.url)
+    assert fresh.returncode == 0, fresh.stderr
+    time.sleep(0.7)  # the beat was not renewed: its key expired
+    stale = _vqueue("health", "--worker", "--hostname", name, redis_url=redis_server.url)
+    assert stale.returncode == 1 and f"no heartbeat from {name}" in stale.stderr
+    absent = _vqueue("health", "--worker", "--hostname", "celery@no-such-worker", redis_url=redis_server.url)
+    assert absent.returncode == 1
+    down = _vqueue("health", "--worker", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert down.returncode == 4 and "redis.url" in down.stderr
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+
+
+def test_compose_runs_one_worker_per_gpu_by_profile_as_the_readme_says() -> None:
+    # Bugs caught: two workers on the same GPU (the second's engine runs out of memory), a
+    # profile that starts a different number of workers than its name, workers whose
+    # environment drifted apart, a README command for a profile that does not exist.
+    compose, readme = _compose(), (ROOT / "README.md").read_text()
+    workers = _workers(compose)
+    assert sorted(workers) == ["worker", "worker-gpu1", "worker-gpu2", "worker-gpu3"]
+    gpus = {}
+    for name, service in workers.items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and "count" not in device
+        (gpus[name],) = device["device_ids"]
+        assert service["environment"] == workers["worker"]["environment"]
+        assert service["stop_grace_period"] == "10m"
+        assert service["healthcheck"]["test"] == ["CMD", *HEALTH_CHECK]
+    assert sorted(gpus.values()) == ["0", "1", "2", "3"]
+    assert "profiles" not in workers["worker"]  # `docker compose up` alone: one worker, GPU 0
+    profiles = {p for service in workers.values() for p in service.get("profiles", [])}
+    assert profiles == {"gpus-2", "gpus-4"}
+    for profile in profiles:
+        running = [n for n, s in workers.items() if "profiles" not in s or profile in s["profiles"]]
+        assert sorted(gpus[n] for n in running) == [str(i) for i in range(int(profile.split("-")[1]))]
+        assert f"docker compose --profile {profile} up" in readme
+    # The health check the workers run exists in the CLI.
+    check = subprocess.run([str(Path(sys.executable).with_name("vqueue")), "health", "--help"],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert check.returncode == 0 and "--worker" in check.stdout
+    assert "vqueue health --worker" in readme
+
+
+def test_every_compose_service_has_a_health_check_on_its_own_port() -> None:
+    # Bug caught: a service with no health check (compose starts its dependants against a dead
+    # one) or one probing a port the service does not listen on (forever unhealthy).
+    compose = _compose()
+    assert all(service.get("healthcheck", {}).get("test") for service in compose.values()), \
+        [n for n, s in compose.items() if "healthcheck" not in s]
+    gateway_port = _option(compose["gateway"]["command"], "--port")
+    assert gateway_port == str(Settings().gateway.port)
+    assert compose["gateway"]["ports"] == [f"127.0.0.1:{gateway_port}:{gateway_port}"]
+    assert f"127.0.0.1:{gateway_port}/version" in compose["gateway"]["healthcheck"]["test"][-1]
+    flower_port = compose["flower"]["command"][-1].removeprefix("--port=")
+    assert f"127.0.0.1:{flower_port}/healthcheck" in compose["flower"]["healthcheck"]["test"][-1]
+
+
+def test_prometheus_scrapes_every_worker_and_the_gateway_and_grafana_is_provisioned() -> None:
+    # Bugs caught: a worker service Prometheus does not scrape (its GPU missing from the
+    # dashboard), a scrape port that is not the gateway's, Grafana without its login or its
+    # dashboard, a provisioning path that does not match where compose mounts the files.
+    compose = _compose()
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert sorted(targets["vqueue-worker"]) == sorted(f"{n}:{WORKER_METRICS_PORT}" for n in _workers(compose))
+    assert targets["vqueue-gateway"] == [f"gateway:{_option(compose['gateway']['command'], '--port')}"]
+    prometheus = compose["prometheus"]
+    mounts = dict(v.split(":", 2)[:2] for v in prometheus["volumes"])
+    assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+
+    grafana = compose["grafana"]
+    assert _required_variable(grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"], "GRAFANA_ADMIN_PASSWORD")
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"] and prometheus["ports"] == ["127.0.0.1:9090:9090"]
+    mounts = dict(v.split(":", 2)[:2] for v in grafana["volumes"])
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    # The dashboard JSON (issue 14's dashboard part) is mounted into the provider's folder.
+    dashboard_in_container = mounts["./deploy/grafana/vqueue-dashboard.json"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "vqueue.yaml").read_text())["providers"]
+    assert dashboard_in_container == f"{provider['options']['path']}/vqueue-dashboard.json"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["isDefault"]
+
+
+def test_flower_health_check_page_needs_no_login(flower) -> None:
+    # compose's Flower health check reads /healthcheck without credentials; everything else asks.
+    assert flower.status("/healthcheck", login=None) == 200

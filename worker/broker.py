@@ -33,6 +33,7 @@ from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
 
 from producer import keys
+from producer.connections import is_sentinel
 from producer.errors import InvalidJob, MalformedMessage, WireError
 
 log = logging.getLogger(__name__)
@@ -250,5 +251,23 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above on kombu's Sentinel pool: the master comes from the sentinels
+    (``redis.sentinel_master``), asked again when a connection to it fails."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 #: What ``broker_transport`` names (kombu imports it by this path).
 TRANSPORT = f"{__name__}:Transport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
+
+
+def transport_for(url: str) -> str | None:
+    """The broker transport for ``redis.url``: ours for ``redis://``, ``rediss://`` and
+    ``sentinel://``; None (kombu's choice by scheme) for anything else (``memory://`` in tests)."""
+    if is_sentinel(url):
+        return SENTINEL_TRANSPORT
+    return TRANSPORT if url.startswith(("redis://", "rediss://")) else None

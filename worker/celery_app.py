@@ -55,9 +55,9 @@ app.conf.update(
     task_track_started=False,
     worker_hijack_root_logger=True,
 )
-if settings.redis.url.startswith(("redis://", "rediss://")):
-    # kombu's Redis transport, but no message can stop the consumer (worker.broker says why).
-    app.conf.broker_transport = broker.TRANSPORT
+# kombu's Redis transport (or its Sentinel one), but no message can stop the consumer
+# (worker.broker says why).
+app.conf.broker_transport = broker.transport_for(settings.redis.url)
 
 #: How long a stopping worker waits for its stream entries to be written.
 STREAM_FLUSH_TIMEOUT_S = 5.0

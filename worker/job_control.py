@@ -34,7 +34,7 @@ import redis
 from celery import Task, signals, states
 from celery.exceptions import TaskRevokedError
 
-from producer import keys, records
+from producer import connections, keys, records
 from producer.protocol import DeadLetter, JobResult
 from worker.celery_app import app, holder, settings
 from worker.dead_letters import DeadLetters
@@ -174,7 +174,7 @@ _listener: CancelListener | None = None
 @signals.worker_ready.connect
 def _start_listener(**_: Any) -> None:
     global _listener
-    _listener = CancelListener(redis.Redis.from_url(settings.redis.url))
+    _listener = CancelListener(connections.redis_client(settings))
     _listener.start()
 
 
