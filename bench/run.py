@@ -304,6 +304,18 @@ def serve_command(settings: Settings, port: int, defaults: bool = False) -> list
     return [*cmd, *serve_flags(kwargs), "--generation-config", "vllm"]
 
 
+def run_batch_command(settings: Settings, input_path: Path, output_path: Path, served: str = SERVED) -> list[str]:
+    """`vllm run-batch -i IN -o OUT` with the worker's engine arguments (as ``serve_command``)."""
+    serve = serve_command(settings, 0)
+    flags = serve[serve.index("--served-model-name"):]
+    flags[1] = served
+    for option in ("--port", "--host"):  # the server's, not run-batch's
+        i = flags.index(option)
+        del flags[i:i + 2]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(input_path), "-o", str(output_path),
+            "--model", settings.model.source, *flags]
+
+
 def request_body(job: CompletionJob | ChatJob) -> tuple[str, dict]:
     s = job.sampling.model_dump(exclude_none=True)
     s.pop("stop", None), s.pop("stop_token_ids", None)

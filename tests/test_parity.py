@@ -315,3 +315,47 @@ def test_models_version_health_same_shapes(vllm_serve: VllmServe, ours: GatewayP
     for base in (vllm_serve.base, ours.base):
         response = httpx.get(base + "/health")
         assert (response.status_code, response.text) == (200, "")
+
+
+# -- batch files: `vqueue batch run` against `vllm run-batch` --------------------------------------
+
+
+def test_batch_file_same_as_vllm_run_batch(worker, redis_server: RedisServer, tiny_model: Path,
+                                           tmp_path: Path) -> None:
+    from bench.run import run_batch_command
+    from tests.test_batch import chat_line, read_jsonl, run_batch, write_jsonl
+
+    # Chat lines only: `vllm run-batch` (0.32) validates a /v1/completions line against its chat-only
+    # body union and the whole run aborts; vqueue runs both (test_batch.py)
+    lines = [chat_line("chat-1", max_tokens=12), chat_line("chat-2", max_tokens=7), chat_line("chat-3", max_tokens=3)]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    # Theirs: `vllm run-batch` on the same tiny model with the worker's engine arguments
+    env = {**cpu_engine_env(tmp_path / "cache"), **tiny_model_env(tiny_model, "redis://127.0.0.1:1/0", MODEL)}
+    cmd = run_batch_command(Settings(**_settings_from_env(env)), src, tmp_path / "theirs.jsonl", served=MODEL)
+    i = cmd.index("--generation-config")
+    del cmd[i:i + 2]  # the model's generation_config.json, as the worker uses it
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VQUEUE_")}
+    theirs_run = subprocess.run(cmd, env={**full, **env}, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert theirs_run.returncode == 0, theirs_run.stderr[-3000:]
+    # Ours
+    ours_run = run_batch(redis_server.url, str(src), "-o", str(tmp_path / "ours.jsonl"))
+    assert ours_run.returncode == 0, ours_run.stderr
+
+    theirs = {line["custom_id"]: line for line in read_jsonl(tmp_path / "theirs.jsonl")}
+    ours = {line["custom_id"]: line for line in read_jsonl(tmp_path / "ours.jsonl")}
+    assert sorted(ours) == sorted(theirs) == sorted(line["custom_id"] for line in lines)
+    for custom_id, mine in ours.items():
+        other = theirs[custom_id]
+        # The same line layout, the same status, the same response body keys and types...
+        assert shape({k: v for k, v in mine.items() if k != "response"}) == \
+            shape({k: v for k, v in other.items() if k != "response"})
+        assert mine["response"]["status_code"] == other["response"]["status_code"] == 200
+        assert shape(mine["response"]["body"]) == shape(other["response"]["body"]), custom_id
+        # ...and the same text (greedy, same engine arguments)
+        def text(line: dict) -> str:
+            choice = line["response"]["body"]["choices"][0]
+            return choice["message"]["content"] if "message" in choice else choice["text"]
+
+        assert text(mine) == text(other)
+        assert mine["response"]["body"]["usage"]["completion_tokens"] == \
+            other["response"]["body"]["usage"]["completion_tokens"]
