@@ -27,7 +27,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from gateway import protocol
+from gateway import metrics, protocol
 from gateway.errors import ApiError, bad_request, not_found, unauthorized
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from producer.aio import AsyncClient
@@ -397,6 +397,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # vLLM's server defaults: any origin, no credentials (browsers' cross-origin calls work alike).
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=False, allow_methods=["*"],
                        allow_headers=["*"])
+    metrics.mount(app, settings)  # GET /metrics, no API key (as vllm serve's); counts every request
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
