@@ -25,39 +25,11 @@ class PrometheusError(RuntimeError):
     """Raised when Prometheus answers a query with an error (``status`` not "success")."""
 
 
-class PrometheusServer:
-    """Starts ``prometheus`` scraping ``targets`` (job name -> ["host:port", ...]) every
-    ``scrape_interval_s``; ``query`` and ``query_range`` return the API's ``data``."""
+class PrometheusClient:
+    """Prometheus's HTTP API at ``base`` (any Prometheus: the one started here, or a deployment's)."""
 
-    def __init__(self, targets: dict[str, list[str]], directory: Path | None = None,
-                 scrape_interval_s: float = 1.0) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            raise RuntimeError("prometheus is not installed: run `apt-get install -y prometheus` "
-                               "(scripts/setup.sh does) or put it on PATH.")
-        self.dir = Path(directory or tempfile.mkdtemp(prefix="vqueue-prometheus-"))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        interval = f"{int(scrape_interval_s * 1000)}ms"
-        config = {  # JSON is YAML: no YAML writer needed
-            "global": {"scrape_interval": interval, "evaluation_interval": interval},
-            "scrape_configs": [{"job_name": job, "scrape_interval": interval, "scrape_timeout": interval,
-                                "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()],
-        }  # fmt: skip
-        (self.dir / "prometheus.yml").write_text(json.dumps(config, indent=2))
-        self.log_path = self.dir / "prometheus.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
-             # A short lookback: a series that stopped (a finished burst) leaves instant queries sooner.
-             "--query.lookback-delta=30s"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def __init__(self, base: str) -> None:
+        self.base = base.rstrip("/")
 
     def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
         url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
@@ -69,19 +41,6 @@ class PrometheusServer:
         if body.get("status") != "success":
             raise PrometheusError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
-
-    def wait_ready(self, timeout_s: float = 60) -> PrometheusServer:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(self.base + "/-/ready", timeout=2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"prometheus not ready after {timeout_s:g} s:\n{self.log_text()}") from None
-                time.sleep(0.2)
 
     def targets(self) -> list[dict[str, Any]]:
         """The active scrape targets, each with ``labels.job``, ``health`` and ``lastError``."""
@@ -127,6 +86,54 @@ class PrometheusServer:
             if got == expected or time.monotonic() > deadline:
                 return got
             time.sleep(0.3)
+
+
+class PrometheusServer(PrometheusClient):
+    """Starts ``prometheus`` scraping ``targets`` (job name -> ["host:port", ...]) every
+    ``scrape_interval_s``; ``query`` and ``query_range`` return the API's ``data``."""
+
+    def __init__(self, targets: dict[str, list[str]], directory: Path | None = None,
+                 scrape_interval_s: float = 1.0) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is not installed: run `apt-get install -y prometheus` "
+                               "(scripts/setup.sh does) or put it on PATH.")
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="vqueue-prometheus-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        super().__init__(f"http://127.0.0.1:{self.port}")
+        interval = f"{int(scrape_interval_s * 1000)}ms"
+        config = {  # JSON is YAML: no YAML writer needed
+            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "scrape_configs": [{"job_name": job, "scrape_interval": interval, "scrape_timeout": interval,
+                                "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()],
+        }  # fmt: skip
+        (self.dir / "prometheus.yml").write_text(json.dumps(config, indent=2))
+        self.log_path = self.dir / "prometheus.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
+             # A short lookback: a series that stopped (a finished burst) leaves instant queries sooner.
+             "--query.lookback-delta=30s"],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 60) -> PrometheusServer:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(self.base + "/-/ready", timeout=2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"prometheus not ready after {timeout_s:g} s:\n{self.log_text()}") from None
+                time.sleep(0.2)
 
     def close(self) -> None:
         self.proc.terminate()

@@ -106,6 +106,17 @@ def announce_revoked(task: Task, expired: bool) -> None:
         log.warning("could not send task-revoked for %s", task.request.id, exc_info=True)
 
 
+def revoked_at_pickup(task: Task, meta: dict[str, Any]) -> Stopped:
+    """A job whose stopped outcome was stored while it waited (``Client.cancel``, a purge) and that
+    a worker now takes off the queue: its stored outcome stays; tell Flower, and return the
+    ``Stopped`` (with the stored reason) for the task to raise."""
+    announce_revoked(task, expired=False)
+    error = meta.get("result")
+    args = error.get("exc_message") if isinstance(error, dict) else None
+    reason = args[0] if isinstance(args, list) and args else "cancelled"
+    return Stopped("expired" if reason == "expired" else "cancelled")
+
+
 def mark_cancelled(task: Task, job_id: str) -> Stopped:
     """A job cancelled while it ran here or elsewhere, picked up again with no stored outcome
     (its worker died before it could store one): it ends cancelled, without output. Returns

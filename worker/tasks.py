@@ -64,9 +64,9 @@ def generate(self: Task, payload: Any) -> dict[str, Any]:
     if pickup.verdict == "done":
         if pickup.meta.get("status") == "SUCCESS":
             return pickup.meta["result"]  # delivered again after it finished (e.g. a lost ack): never run twice
-        if pickup.meta.get("status") == "REVOKED":
-            job_control.announce_revoked(self, expired=False)
-        raise Ignore()  # its outcome is stored already (cancelled while queued, say): keep it
+        if pickup.meta.get("status") == "REVOKED":  # cancelled or purged while it waited: ends here
+            raise job_control.revoked_at_pickup(self, pickup.meta)
+        raise Ignore()  # its outcome is stored already: keep it
     if pickup.verdict == "cancelled":
         raise job_control.mark_cancelled(self, job.id)
     try:
