@@ -9,6 +9,9 @@ the same Prometheus after the same jobs."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +24,7 @@ import redis
 
 from devtools.gateway_process import GatewayProcess, start_gateway
 from devtools.prometheus_server import PrometheusServer
-from devtools.redis_server import RedisServer
+from devtools.redis_server import RedisServer, free_port
 from producer import Client, CompletionJob, JobCancelled, JobFailed, JobResult, Sampling, Settings, keys
 from tests.conftest import MODEL, ROOT
 
@@ -45,10 +48,28 @@ LONG = Sampling(max_tokens=900, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def prometheus(worker, gateway: GatewayProcess, worker_metrics_port: int,
+def exporter_port(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """``vqueue exporter --port P`` on the session's Redis (the backlog without a gateway)."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("exporter") / "exporter.log", "wb")  # noqa: SIM115 - closed below
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VQUEUE_")},
+           "VQUEUE_REDIS__URL": redis_server.url}
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "exporter", "--port", str(port)], env=env,
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def prometheus(worker, gateway: GatewayProcess, worker_metrics_port: int, exporter_port: int,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
     targets = {"vqueue-worker": [f"127.0.0.1:{worker_metrics_port}"],
-               "vqueue-gateway": [gateway.base.removeprefix("http://")]}
+               "vqueue-gateway": [gateway.base.removeprefix("http://")],
+               "vqueue-exporter": [f"127.0.0.1:{exporter_port}"]}
     with PrometheusServer(targets, tmp_path_factory.mktemp("prometheus"), scrape_interval_s=1.0) as prom:
         prom.wait_targets_up()
         yield prom
@@ -148,21 +169,24 @@ def test_engine_figures_come_from_vllm(prometheus: PrometheusServer, known_jobs:
 
 def test_backlog_of_an_unserved_model_by_priority_and_its_oldest_age(prometheus: PrometheusServer,
                                                                      known_jobs: KnownJobs) -> None:
-    waiting = f'vqueue_queue_waiting_jobs{{model="{UNSERVED}",priority="7"}}'
-    assert prometheus.wait_for(waiting, 1) == 1
-    assert prometheus.value(f'vqueue_queue_waiting_jobs{{model="{UNSERVED}",priority="5"}}') == 0
-    assert prometheus.value(f'sum(vqueue_queue_waiting_jobs{{model="{UNSERVED}"}})') == 1
+    # The gateway's /metrics and `vqueue exporter` read the same Redis the same way: both say so
+    for job in ("vqueue-gateway", "vqueue-exporter"):
+        waiting = f'vqueue_queue_waiting_jobs{{job="{job}",model="{UNSERVED}",priority="7"}}'
+        assert prometheus.wait_for(waiting, 1) == 1, job
+        assert prometheus.value(f'vqueue_queue_waiting_jobs{{job="{job}",model="{UNSERVED}",priority="5"}}') == 0
+        assert prometheus.value(f'sum(vqueue_queue_waiting_jobs{{job="{job}",model="{UNSERVED}"}})') == 1
     # Its age is the job's own wait: positive, and it grows between scrapes
-    first = prometheus.value(f'vqueue_queue_oldest_waiting_age_seconds{{model="{UNSERVED}"}}')
+    age = f'vqueue_queue_oldest_waiting_age_seconds{{job="vqueue-gateway",model="{UNSERVED}"}}'
+    first = prometheus.value(age)
     assert first > 0
     later = first
     deadline = time.monotonic() + 10
     while later <= first and time.monotonic() < deadline:
         time.sleep(0.3)
-        later = prometheus.value(f'vqueue_queue_oldest_waiting_age_seconds{{model="{UNSERVED}"}}')
+        later = prometheus.value(age)
     assert later > first
     # The served model's queue is empty: its series say 0, not absent
-    assert prometheus.value(f'sum(vqueue_queue_waiting_jobs{{model="{MODEL}"}})') == 0
+    assert prometheus.value(f'sum(vqueue_queue_waiting_jobs{{job="vqueue-gateway",model="{MODEL}"}})') == 0
 
 
 def test_gateway_counts_requests_by_route_template_and_status(prometheus: PrometheusServer,
