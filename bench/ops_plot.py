@@ -150,9 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prometheus", help="Query this Prometheus (its base URL) instead of a local run.")
     parser.add_argument("--minutes", type=float, default=15, help="With --prometheus: the last this many minutes.")
-    parser.add_argument("--waves", type=int, default=6)
-    parser.add_argument("--jobs-per-wave", type=int, default=120)
-    parser.add_argument("--gap-s", type=float, default=6.0)
+    parser.add_argument("--waves", type=int, default=5)
+    parser.add_argument("--jobs-per-wave", type=int, default=60)
+    parser.add_argument("--gap-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "ops-metrics.png")
     args = parser.parse_args()
     closers: list[Any] = []

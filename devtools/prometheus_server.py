@@ -65,7 +65,7 @@ class PrometheusClient:
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[dict[str, Any]]:
         """A range query's result: a list of ``{"metric": labels, "values": [[t, "v"], ...]}``."""
         return self._get("/api/v1/query_range", {"query": promql, "start": repr(start), "end": repr(end),
-                                                  "step": f"{step_s}s"})["result"]
+                                                  "step": repr(step_s)})["result"]
 
     def value(self, promql: str) -> float:
         """The one value of a query that must return exactly one series (else PrometheusError)."""
@@ -138,7 +138,7 @@ class PrometheusServer(PrometheusClient):
     def close(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(15)
+            self.proc.wait(3)  # its TSDB is a throwaway: no need to wait for a clean flush
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
