@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from gateway import metrics
 from gateway.errors import ApiError, bad_request, not_found, response, unauthorized
 from producer import openai_api as protocol
 from producer.aio import AsyncClient
@@ -375,6 +376,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # vLLM's server defaults: any origin, no credentials (browsers' cross-origin calls work alike).
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=False, allow_methods=["*"],
                        allow_headers=["*"])
+    metrics.mount(app, settings)  # GET /metrics, no API key (as vllm serve's); counts every request
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -38,7 +38,9 @@ from producer.errors import (
     JobTimeout,
     ModelNotServed,
     QueueFull,
+    redact_url,
 )
+from producer.metrics import EXPORTER_PORT
 from producer.protocol import ChatJob, ChatMessage, CompletionJob, JobRecord, JobResult, Sampling
 from producer.settings import get_settings
 
@@ -463,6 +465,25 @@ def gateway(
               f"{'API keys required' if g.api_keys else 'no API key required'})")
     uvicorn.run("gateway.app:create_app", factory=True, host=g.host, port=g.port, workers=g.workers,
                 log_level=log_level)
+
+
+@app.command()
+def exporter(
+    port: Annotated[int, typer.Option(help="TCP port of /metrics.")] = EXPORTER_PORT,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+) -> None:
+    """Serve the backlog (jobs waiting per model and priority, the oldest one's age) as Prometheus
+    metrics on http://HOST:PORT/metrics, read from Redis at each scrape: for deployments without
+    a gateway, whose /metrics serves the same."""
+    from producer.exporter import serve
+
+    err.print(f"vqueue exporter: the backlog of {redact_url(_settings.redis.url)} on http://{host}:{port}/metrics",
+              markup=False, highlight=False)
+    try:
+        serve(_settings, host, port)
+    except OSError as exc:
+        err.print(f"[red]cannot listen on {host}:{port} ({exc}); choose another --port[/red]")
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import redis
 from kombu.exceptions import OperationalError
 
-from producer import connections, keys, records, streams
+from producer import backlog, connections, keys, records, streams
 from producer.errors import (
     BrokerUnavailable,
     JobCancelled,
@@ -162,12 +162,7 @@ class Client:
 
     def _depths(self, models: list[str]) -> dict[str, dict[int, int]]:
         """Jobs waiting per model and priority, in one round trip."""
-        with self._redis.pipeline(transaction=False) as pipe:
-            for model in models:
-                for name in keys.queue_lists(model).values():
-                    pipe.llen(name)
-            lengths = iter(pipe.execute())
-        return {model: {p: next(lengths) for p in keys.queue_lists(model)} for model in models}
+        return backlog.depths(self._redis, models)
 
     @contextlib.contextmanager
     def _reaching_redis(self) -> Iterator[None]:
@@ -303,16 +298,15 @@ class Client:
         with self._reaching_redis():
             workers = self._workers()
             models = [model] if model else sorted({w.served_name for w in workers} | set(self._queued_models()))
-            depths = self._depths(models)
-            oldest = {m: self._oldest_wait_s(m, depths[m]) for m in models}
+            backlogs = {b.model: b for b in backlog.read(self._redis, models)}
         out = []
         for m in models:
             mine = sorted((w for w in workers if w.served_name == m), key=lambda w: w.hostname)
             loads = [WorkerLoad(hostname=w.hostname, in_flight=w.in_flight, max_in_flight=w.max_in_flight,
                                 completions_per_s=w.completions_per_s) for w in mine]
             out.append(QueueStats(
-                model=m, waiting_by_priority={p: n for p, n in sorted(depths[m].items(), reverse=True) if n},
-                waiting=sum(depths[m].values()), oldest_waiting_s=oldest[m],
+                model=m, waiting_by_priority={p: n for p, n in backlogs[m].waiting_by_priority.items() if n},
+                waiting=backlogs[m].waiting, oldest_waiting_s=backlogs[m].oldest_waiting_s,
                 max_backlog=self.settings.queue.max_backlog_for(m), workers=loads,
                 in_flight=sum(w.in_flight for w in loads), completions_per_s=sum(w.completions_per_s for w in loads),
             ))  # fmt: skip
@@ -322,21 +316,6 @@ class Client:
         names = {keys.queue_of_list(q.decode()) for q in self._redis.scan_iter(match=f"{keys.QUEUE_PREFIX}*",
                                                                                count=1000)}  # fmt: skip
         return [n[len(keys.QUEUE_PREFIX):] for n in names]
-
-    def _oldest_wait_s(self, model: str, depths: dict[int, int]) -> float | None:
-        """How long the oldest waiting job has waited: the tail of each non-empty list is its oldest."""
-        names = [name for p, name in keys.queue_lists(model).items() if depths[p]]
-        if not names:
-            return None
-        with self._redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.lindex(name, -1)
-            ids = [i for i in (_job_id_of(t) for t in pipe.execute() if t) if i]
-        with self._redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.job_key(job_id), "enqueued_at")
-            times = [float(t) for t in pipe.execute() if t]
-        return time.time() - min(times) if times else None
 
     def _workers(self) -> list[WorkerInfo]:
         names = list(self._redis.scan_iter(match=f"{keys.WORKER_KEY_PREFIX}*", count=1000))

@@ -69,6 +69,12 @@ key                                type     holds
                                             ``redis.result_ttl_s``, renewed on each write
 ``vqueue:dead-letters:total``      string   how many were ever dead-lettered (INCR); TTL
                                             ``redis.result_ttl_s``, renewed on each write
+``vqueue:models``                  set      every served model name that has had a queue:
+                                            added when a producer first declares a queue
+                                            and when a worker starts serving it; what the
+                                            backlog metrics read (``producer.backlog``)
+                                            instead of scanning keys. No TTL: a model left
+                                            unused stays, at 0 waiting
 ``vqueue:worker:<hostname>``       string   a live worker's announcement (JSON ``WorkerInfo``:
                                             served model, source, max_model_len, modalities,
                                             started time); TTL 3 x ``worker.heartbeat_s``,
@@ -94,6 +100,7 @@ QUEUE_PREFIX = "vqueue."
 RESULT_KEY_PREFIX = "celery-task-meta-"  # Celery's BaseKeyValueStoreBackend.task_keyprefix
 ATTEMPT_KEY_PREFIX = "vqueue:attempt:"
 WORKER_KEY_PREFIX = "vqueue:worker:"
+MODELS_KEY = "vqueue:models"
 DEAD_LETTERS_KEY = "vqueue:dead-letters"
 DEAD_LETTERS_TOTAL_KEY = "vqueue:dead-letters:total"
 #: kombu's Redis transport keys (set explicitly in ``transport.make_celery`` so they live here).

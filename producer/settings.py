@@ -230,9 +230,22 @@ class FilesSettings(_Section):
     max_bytes: int = Field(200 * 2**20, ge=1)
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics (``producer.metrics`` names them; README "Operations: metrics")."""
+
+    #: Each worker serves ``/metrics`` on this port (``prometheus_client``'s own HTTP server, in
+    #: a thread); 0: no metrics server. Several workers on one host need one port each.
+    port: int = Field(9400, ge=0, le=65535)
+    #: The worker's metrics server listens here; loopback by default, 0.0.0.0 for a Prometheus
+    #: on another host (the figures hold no secrets, but say which models run and how busy).
+    host: str = "127.0.0.1"
+    #: How often the engine process sends its own figures (running, waiting, KV cache) to the worker.
+    engine_stats_interval_s: float = Field(1.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Every setting of vqueue, in sections (``redis``, ``model``, ``engine``, ``worker``,
-    ``producer``, ``queue``, ``gateway``, ``batch``, ``files``). Build one directly in tests:
+    ``producer``, ``queue``, ``gateway``, ``metrics``, ``batch``, ``files``). Build one directly in tests:
     ``Settings(redis={"url": ...})``."""
 
     model_config = SettingsConfigDict(
@@ -248,6 +261,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     testing: TestingSettings = TestingSettings()
     gateway: GatewaySettings = GatewaySettings()
+    metrics: MetricsSettings = MetricsSettings()
     batch: BatchSettings = BatchSettings()
     files: FilesSettings = FilesSettings()
 

@@ -126,6 +126,8 @@ class JobPublisher:
         if queue not in self._declared:
             with self._app.producer_or_acquire() as producer:
                 producer.maybe_declare(self._app.amqp.queues[queue])
+            # The backlog metrics read the queues of the models in this set (producer.backlog).
+            self._client.sadd(keys.MODELS_KEY, queue.removeprefix(keys.QUEUE_PREFIX))
             self._declared.add(queue)
 
     def envelope(self, task: str, job_id: str, queue: str, payload: dict, argsrepr: str, priority: int | None = None,

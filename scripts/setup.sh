@@ -7,10 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # curl: the gateway tests run the tutorial's curl commands against `vqueue gateway`.
-if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/null || ! command -v curl >/dev/null; then
-  echo "setup: installing redis-server, redis-sentinel and curl"
+# prometheus: the metrics tests start a real Prometheus (its binary only; no service is used).
+if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/null || ! command -v curl >/dev/null \
+    || ! command -v prometheus >/dev/null; then
+  echo "setup: installing redis-server, redis-sentinel, curl and prometheus"
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-sentinel curl >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-sentinel \
+    curl prometheus >/dev/null
 fi
 
 PY=${PYTHON:-python3}

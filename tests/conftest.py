@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from devtools.gateway_process import GatewayProcess, start_gateway
 from devtools.redis_server import RedisServer, free_port
 from devtools.worker_process import WorkerProcess, cpu_engine_env, tiny_model_env
 from producer import Client, Settings, keys
@@ -54,18 +55,41 @@ def worker_env(tiny_model: Path, redis_server: RedisServer, tmp_path_factory: py
         **tiny_model_env(tiny_model, redis_server.url, MODEL),
         # Lets tests show that an allowed host resolving to a loopback address is still refused.
         "VQUEUE_IMAGES__ALLOWED_URL_HOSTS": '["localhost"]',
+        # No metrics server: settings.toml's port 9400 would clash between the tests' workers (and
+        # other checkouts on the host). The session worker gets a free one (worker_metrics_port).
+        "VQUEUE_METRICS__PORT": "0",
     }
 
 
 @pytest.fixture(scope="session")
-def worker(worker_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def worker_metrics_port() -> int:
+    """The session worker's metrics.port: its Prometheus /metrics."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env: dict, worker_metrics_port: int,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = WorkerProcess(worker_env, log_path=log, cwd=ROOT)
+    env = {**worker_env, "VQUEUE_METRICS__PORT": str(worker_metrics_port),
+           "VQUEUE_METRICS__ENGINE_STATS_INTERVAL_S": "0.5"}
+    proc = WorkerProcess(env, log_path=log, cwd=ROOT)
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.terminate()
+
+
+@pytest.fixture(scope="session")
+def gateway(worker: WorkerProcess, redis_server: RedisServer,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """``vqueue gateway`` on the session's Redis, in front of the session's worker."""
+    proc = start_gateway(redis_server.url, tmp_path_factory.mktemp("gateway"))
+    try:
+        yield proc
+    finally:
+        proc.close()
 
 
 @pytest.fixture

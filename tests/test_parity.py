@@ -29,11 +29,11 @@ import pytest
 from PIL import Image
 
 from bench.run import serve_command
+from devtools.gateway_process import GatewayProcess, start_gateway
 from devtools.redis_server import RedisServer, free_port
 from devtools.worker_process import cpu_engine_env, tiny_model_env
 from producer import Settings
 from tests.conftest import MODEL, ROOT
-from tests.test_gateway import GatewayProcess, start_gateway
 
 #: What differs from vllm serve by design, each asserted below (see the README's gateway section).
 KNOWN_DIFFERENCES = {

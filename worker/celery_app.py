@@ -25,6 +25,7 @@ from worker import broker, streaming
 from worker.dead_letters import DeadLetters
 from worker.engine import EngineHolder
 from worker.leases import LeaseKeeper
+from worker.metrics import WorkerMetrics
 from worker.reaper import start_reaper
 from worker.registry import Heartbeat
 
@@ -63,18 +64,22 @@ app.conf.broker_transport = broker.transport_for(settings.redis.url)
 STREAM_FLUSH_TIMEOUT_S = 5.0
 # Streamed jobs' chunks go from the engine's results reader to one writer thread (worker.streaming).
 stream_writer = streaming.writer = streaming.StreamWriter(settings.redis.result_ttl_s)
-holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key), on_chunks=stream_writer.add)
+#: This worker's Prometheus metrics (served on metrics.port once the worker is ready).
+metrics = WorkerMetrics(settings.model.served_name)
+holder = EngineHolder(settings, blob_reader=lambda key: app.backend.client.get(key), on_chunks=stream_writer.add,
+                      on_engine_stats=metrics.engine_stats)
 _reaper: subprocess.Popen | None = None
 _heartbeat: Heartbeat | None = None
 _leases: LeaseKeeper | None = None
 
 
 @signals.worker_init.connect
-def _start_engine(**_: Any) -> None:
+def _start_engine(sender: Any = None, **_: Any) -> None:
     log.info("vqueue worker: model %r from %s, queue %s, %d jobs in flight at most",
              settings.model.served_name, settings.model.source, keys.queue_for(settings.model.served_name),
              settings.worker.max_in_flight)
     global _reaper
+    metrics.bind(getattr(sender, "hostname", None) or "unknown")
     sys.setswitchinterval(settings.worker.gil_switch_interval_s)
     _reaper = start_reaper()
     try:
@@ -119,6 +124,8 @@ def _announce(sender: Any = None, **_: Any) -> None:
         started_at=time.time(),
     )  # fmt: skip
     prestart_pool_threads(getattr(sender.pool, "executor", None), settings.worker.max_in_flight)
+    if settings.metrics.port:
+        metrics.serve(settings.metrics.host, settings.metrics.port)
     _heartbeat = Heartbeat(app.backend.client, info, settings.worker.heartbeat_s)
     _heartbeat.start()
     stream_writer.start(app.backend.client)
@@ -143,3 +150,24 @@ def _stop_engine(**_: Any) -> None:
         _leases.stop()  # last: a warm shutdown's jobs kept their leases until they finished
     if _reaper is not None:
         _reaper.terminate()
+
+
+# Every delivery of a job passes these: Celery's own signals, so the task stays as it was
+# (worker.metrics says how each final state reads as an outcome).
+@signals.task_prerun.connect
+def _job_started(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    if getattr(sender, "name", None) == keys.GENERATE_TASK:
+        metrics.job_started(task_id)
+
+
+@signals.task_postrun.connect
+def _job_ended(sender: Any = None, task_id: str = "", state: str = "", retval: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) == keys.GENERATE_TASK:
+        metrics.job_ended(task_id, state, retval)
+
+
+@signals.task_revoked.connect
+def _job_revoked(sender: Any = None, expired: bool = False, **_: Any) -> None:
+    # Celery drops a queued message whose deadline passed before the task runs: no postrun.
+    if expired and getattr(sender, "name", None) == keys.GENERATE_TASK:
+        metrics.job_expired_unrun()

@@ -50,12 +50,15 @@ class EngineHolder:
     """
 
     def __init__(self, settings: Settings, blob_reader: media.BlobReader | None = None,
-                 on_chunks: Callable[[list[tuple[str, dict[str, str]]]], None] | None = None) -> None:
+                 on_chunks: Callable[[list[tuple[str, dict[str, str]]]], None] | None = None,
+                 on_engine_stats: Callable[[dict[str, float]], None] | None = None) -> None:
         self.settings = settings
         self._blob_reader = blob_reader or (lambda key: None)
         #: Takes the stream chunks of one engine step (each a job id and its entry's encoded
         #: fields), on the results reader thread: it must not block (``StreamWriter.add`` queues).
         self._on_chunks = on_chunks
+        #: Takes the engine's own figures (``worker.engine_stats``), on the results reader thread.
+        self._on_engine_stats = on_engine_stats
         self.dead = False
         self.multimodal = False
         self._proc: subprocess.Popen | None = None
@@ -236,6 +239,10 @@ class EngineHolder:
                         self._on_chunks(payload)
                     except Exception:  # a stream is never worth this thread, which every job needs
                         log.warning("could not queue %d stream chunks", len(payload), exc_info=True)
+                continue
+            if kind == "stats":
+                if self._on_engine_stats is not None:
+                    self._on_engine_stats(payload)
                 continue
             if kind == "dead":
                 self._declare_dead("the engine reports itself dead (vLLM's EngineCore errored)")

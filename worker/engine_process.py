@@ -31,7 +31,7 @@ from producer import streams
 from producer.errors import EngineError, InvalidJob
 from producer.protocol import ChatJob, CompletionJob, JobResult, StreamChunk
 from producer.settings import Settings
-from worker import failures, prompts, results, sampling
+from worker import engine_stats, failures, prompts, results, sampling
 from worker.framing import AsyncChannel
 from worker.results import JobStopped
 
@@ -126,13 +126,17 @@ class EngineRunner:
         self.live: dict[int, Live] = {}
         #: Stops that arrived before their job (the worker sends both at once): number -> (why, when).
         self.early_stops: dict[int, tuple[str, float]] = {}
+        #: vLLM's own figures (running, waiting, KV cache), fed by its stat loggers, for the worker's metrics.
+        self.engine_totals = engine_stats.EngineTotals()
 
     def start(self, model_path: str) -> dict[str, Any]:
         from vllm import AsyncLLMEngine
 
         started = time.monotonic()
         # Built inside the running loop so that the engine's output handler lives on it.
-        self.engine = AsyncLLMEngine.from_engine_args(engine_args(self.settings, model_path))
+        tap = engine_stats.stat_logger_class(self.engine_totals)
+        self.engine = AsyncLLMEngine.from_engine_args(engine_args(self.settings, model_path),
+                                                      stat_loggers=[tap] if tap is not None else None)
         self.model_defaults = self.engine.model_config.get_diff_sampling_param()
         self.priority_scheduling = str(getattr(self.engine.vllm_config.scheduler_config, "policy", "fcfs")) \
             .lower().endswith("priority")
@@ -371,6 +375,8 @@ async def serve(channel: AsyncChannel) -> None:
     in_flight: set[asyncio.Task] = set()
     chunks = ChunkBatcher(channel)
     stats = asyncio.create_task(runner.log_stats_forever())
+    figures = asyncio.create_task(engine_stats.send_forever(channel.send, runner.engine_totals,
+                                                            settings.metrics.engine_stats_interval_s))
     try:
         while True:
             try:
@@ -396,6 +402,7 @@ async def serve(channel: AsyncChannel) -> None:
             task.add_done_callback(in_flight.discard)
     finally:
         stats.cancel()
+        figures.cancel()
         runner.shutdown()
 
 

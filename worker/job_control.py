@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 from celery import Task, signals, states
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import Ignore, TaskRevokedError
 
 from producer import connections, keys, records
 from producer.protocol import DeadLetter, JobResult
@@ -70,16 +70,30 @@ def pick_up(job_id: str, worker: str) -> Pickup:
     return Pickup("run", attempt=int(reply[1]), enqueued_at=float(reply[2]) if len(reply) > 2 and reply[2] else None)
 
 
-def store_stopped(task: Task, job_id: str, reason: str, partial: JobResult | None) -> None:
+class Stopped(Ignore):
+    """What the task raises once a stopped job's outcome is stored: Celery's ``Ignore`` (it
+    writes nothing more), carrying the outcome ("cancelled" / "expired") and the partial
+    result (a ``JobResult`` as JSON, or None) for the worker's metrics (``worker.metrics``)."""
+
+    def __init__(self, outcome: str, partial: dict[str, Any] | None = None) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.partial = partial
+
+
+def store_stopped(task: Task, job_id: str, reason: str, partial: JobResult | None) -> Stopped:
     """Store a stopped job's outcome in Celery's REVOKED state, as Celery's ``TaskRevokedError``
-    (``reason`` "cancelled" / "expired", and the partial result), and tell Flower.
+    (``reason`` "cancelled" / "expired", and the partial result), and tell Flower. Returns the
+    ``Stopped`` for the task to raise.
 
     Celery would otherwise store the task's return value as SUCCESS: the task raises ``Ignore``
     after this, so this write takes the place of Celery's own (no extra round trip).
     """
-    args = (reason,) if partial is None else (reason, partial.model_dump(mode="json"))
+    dumped = partial.model_dump(mode="json") if partial is not None else None
+    args = (reason,) if dumped is None else (reason, dumped)
     task.backend.store_result(job_id, TaskRevokedError(*args), states.REVOKED, request=task.request)
     announce_revoked(task, expired=reason == "expired")
+    return Stopped(reason, dumped)
 
 
 def announce_revoked(task: Task, expired: bool) -> None:
@@ -92,11 +106,24 @@ def announce_revoked(task: Task, expired: bool) -> None:
         log.warning("could not send task-revoked for %s", task.request.id, exc_info=True)
 
 
-def mark_cancelled(task: Task, job_id: str) -> None:
+def revoked_at_pickup(task: Task, meta: dict[str, Any]) -> Stopped:
+    """A job whose stopped outcome was stored while it waited (``Client.cancel``, a purge) and that
+    a worker now takes off the queue: its stored outcome stays; tell Flower, and return the
+    ``Stopped`` (with the stored reason) for the task to raise."""
+    announce_revoked(task, expired=False)
+    error = meta.get("result")
+    args = error.get("exc_message") if isinstance(error, dict) else None
+    reason = args[0] if isinstance(args, list) and args else "cancelled"
+    return Stopped("expired" if reason == "expired" else "cancelled")
+
+
+def mark_cancelled(task: Task, job_id: str) -> Stopped:
     """A job cancelled while it ran here or elsewhere, picked up again with no stored outcome
-    (its worker died before it could store one): it ends cancelled, without output."""
+    (its worker died before it could store one): it ends cancelled, without output. Returns
+    the ``Stopped`` for the task to raise."""
     task.backend.mark_as_revoked(job_id, "cancelled", request=task.request)
     announce_revoked(task, expired=False)
+    return Stopped("cancelled")
 
 
 def record_death(job_id: str, reason: str) -> int:

@@ -39,6 +39,8 @@ class Heartbeat:
         self._finished: collections.deque[tuple[float, int]] = collections.deque()
 
     def start(self) -> None:
+        # The backlog metrics read the queues of the models in this set (producer.backlog).
+        self._client.sadd(keys.MODELS_KEY, self._info.served_name)
         self.beat()
         self._thread.start()
 

@@ -45,7 +45,8 @@ def forget_blobs(job: CompletionJob | ChatJob) -> None:
 # as an InvalidJob naming the field (not a pydantic traceback), and the worker decides.
 # Every ending goes through worker.failures: a typed WireError Celery stores (throws= keeps
 # them out of the error log), or EngineDead, which hands the job back. A job stopped early
-# (cancelled, expired) is stored REVOKED by worker.job_control, and the task ends in Ignore.
+# (cancelled, expired) is stored REVOKED by worker.job_control, and the task ends in its
+# Stopped (Celery's Ignore, carrying the outcome for worker.metrics).
 @app.task(name=keys.GENERATE_TASK, bind=True, throws=(WireError,))
 def generate(self: Task, payload: Any) -> dict[str, Any]:
     started_at = time.time()
@@ -63,19 +64,17 @@ def generate(self: Task, payload: Any) -> dict[str, Any]:
     if pickup.verdict == "done":
         if pickup.meta.get("status") == "SUCCESS":
             return pickup.meta["result"]  # delivered again after it finished (e.g. a lost ack): never run twice
-        if pickup.meta.get("status") == "REVOKED":
-            job_control.announce_revoked(self, expired=False)
-        raise Ignore()  # its outcome is stored already (cancelled while queued, say): keep it
+        if pickup.meta.get("status") == "REVOKED":  # cancelled or purged while it waited: ends here
+            raise job_control.revoked_at_pickup(self, pickup.meta)
+        raise Ignore()  # its outcome is stored already: keep it
     if pickup.verdict == "cancelled":
-        job_control.mark_cancelled(self, job.id)
-        raise Ignore()
+        raise job_control.mark_cancelled(self, job.id)
     try:
         result: JobResult = holder.run_job(job, started_at=started_at, worker=worker, attempt=pickup.attempt,
                                            enqueued_at=pickup.enqueued_at)
     except JobStopped as stopped:
         forget_blobs(job)
-        job_control.store_stopped(self, job.id, stopped.outcome, None)
-        raise Ignore() from None
+        raise job_control.store_stopped(self, job.id, stopped.outcome, None) from None
     except Exception as exc:
         error = failures.classify(exc)
         if isinstance(error, EngineDead):
@@ -94,8 +93,7 @@ def generate(self: Task, payload: Any) -> dict[str, Any]:
         raise error from None
     forget_blobs(job)
     if result.outcome != "succeeded":
-        job_control.store_stopped(self, job.id, result.outcome, result)
-        raise Ignore()
+        raise job_control.store_stopped(self, job.id, result.outcome, result)
     return result.model_dump(mode="json")
 
 
