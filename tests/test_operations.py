@@ -20,6 +20,7 @@ from devtools.redis_server import free_port
 from producer import Client, CompletionJob, JobTimeout, Sampling, Settings, keys
 from producer.errors import BrokerUnavailable
 from producer.protocol import WorkerInfo
+from producer.settings import MetricsSettings
 from tests.conftest import MODEL, ROOT
 
 WORKER_CMD = ["celery", "-A", "worker", "worker"]
@@ -39,8 +40,8 @@ def test_compose_runs_the_commands_the_readme_and_tests_use() -> None:
     assert '"-A", "worker", "worker"' in (ROOT / "devtools" / "worker_process.py").read_text()
 
 
-#: The worker's Prometheus port (settings ``metrics.port``, issue 14's metrics part).
-WORKER_METRICS_PORT = 9400
+#: The worker's Prometheus port: compose's scrape targets must use the setting's default.
+WORKER_METRICS_PORT = MetricsSettings().port
 HEALTH_CHECK = ["vqueue", "health", "--worker"]
 
 
