@@ -7,6 +7,8 @@
          async HTTP client (all requests at once; one at a time for C)
   gateway: the queue behind `vqueue gateway` (OpenAI HTTP), driven by the serve mode's client
          at the same concurrency; workload C reports what it adds over the queue
+  batch: the queue fed by a batch file (producer.batch.BatchRunner, what `vqueue batch run`
+         runs) with the workload's requests as lines; A and B; batch/queue is its cost per line
   variants: queue:noevents, queue:gil5ms, queue:x2 (two workers), queue:defaults and
          serve:defaults (each product with its own default settings; see VARIANTS)
 
@@ -84,7 +86,7 @@ VARIANTS = {"noevents": {"VQUEUE_WORKER__TASK_EVENTS": "false"},
             "deadline": {"VQUEUE_QUEUE__DEFAULT_TIMEOUT_S": "3600"},
             "defaults": {}}  # fmt: skip
 WORKERS = {"x2": 2}
-MODES = ("bare", "queue", "serve", "gateway")
+MODES = ("bare", "queue", "serve", "gateway", "batch")
 
 
 def mode_env(args: argparse.Namespace, redis_url: str = "redis://127.0.0.1:1/0", variant: str = "") -> dict[str, str]:
@@ -231,6 +233,42 @@ class Queue:
 
     def close(self) -> None:
         self.stack.close()
+
+
+# -- batch --------------------------------------------------------------------------------
+
+
+class Batch(Queue):
+    """The queue (its own redis-server and worker) fed by a batch file: the workload's requests
+    as OpenAI batch lines, through ``producer.batch.BatchRunner`` (what ``vqueue batch run``
+    runs), a fresh batch per run. Against ``queue`` (``submit_many``): what a batch costs per line."""
+
+    def run(self, w: Workload, seed: int, n: int | None = None) -> dict:
+        from producer.batch import Batch as BatchFile
+        from producer.batch import BatchRunner
+
+        if not w.concurrent:
+            raise SystemExit("the batch mode runs the burst workloads (A, B) only")
+        jobs = build_jobs(w, SERVED, seed, n)
+        run_dir = Path(tempfile.mkdtemp(prefix="batch-", dir=self.workdir))
+        src = run_dir / "in.jsonl"
+        with src.open("w") as f:
+            for i, job in enumerate(jobs):
+                url, body = request_body(job)
+                f.write(json.dumps({"custom_id": str(i), "method": "POST", "url": url, "body": body}) + "\n")
+        batch = BatchFile(f"bench_{run_dir.name.replace('-', '_')}", src, run_dir / "out.jsonl",
+                          run_dir / "errors.jsonl", len(jobs))
+        t0 = time.perf_counter()
+        progress = BatchRunner(self.client, batch, priority=5).run()
+        wall = time.perf_counter() - t0
+        if progress.failed:
+            raise SystemExit(f"{progress.failed} batch lines failed; see {batch.errors}")
+        timings = []
+        with batch.output.open() as f:
+            for line in f:
+                usage = json.loads(line)["response"]["body"]["usage"]
+                timings.append(JobTiming(wall, usage["prompt_tokens"], usage["completion_tokens"]))
+        return summarize(timings, wall)
 
 
 # -- gateway ------------------------------------------------------------------------------
@@ -466,6 +504,8 @@ def ratios(summary: dict, workload: str) -> dict:
         base, _, variant = mode.partition("-")
         if variant and variant != "defaults" and tput(mode) and tput(base):
             out[f"{mode}/{base}"] = round(tput(mode) / tput(base), 4)
+    if tput("batch") and tput("queue"):
+        out["batch/queue"] = round(tput("batch") / tput("queue"), 4)
     if "queue-defaults" in summary and "serve-defaults" in summary:
         q, s = (summary[m]["output_tokens_per_s"]["median"] for m in ("queue-defaults", "serve-defaults"))
         out["queue-defaults/serve-defaults"] = round(q / s, 4)
@@ -520,7 +560,7 @@ def main() -> None:
         "repeats": args.repeats, "order": "interleaved: every round runs each mode once, in --modes order",
         "modes": {},
     }  # fmt: skip
-    kinds = {"bare": Bare, "queue": Queue, "serve": Serve, "gateway": Gateway}
+    kinds = {"bare": Bare, "queue": Queue, "serve": Serve, "gateway": Gateway, "batch": Batch}
     results: dict[str, dict] = {}  # workload -> mode -> {"warmup": ..., "runs": [...]}
     with contextlib.ExitStack() as stack:
         runners = {}

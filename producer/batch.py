@@ -144,16 +144,24 @@ def output_line(batch_id: str, line: int, custom_id: str | None, *, status: int 
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-def line_of_output(raw: bytes) -> int | None:
-    """The input line an output line answers (from its ``id``); None: not one of ours."""
+def line_of_output(raw: bytes, batch_id: str) -> int | None:
+    """The input line of batch ``batch_id`` an output line answers (from its ``id``); None: the
+    line is not one of ours; ``BatchError`` if it answers another batch."""
     try:
         record_id = json.loads(raw)["id"]
     except (ValueError, KeyError, TypeError):
         return None
-    return keys.batch_line_of(record_id) if isinstance(record_id, str) else None
+    if not isinstance(record_id, str) or not record_id.startswith("vqueue-"):
+        return None
+    job_id = record_id[len("vqueue-"):]
+    line = keys.batch_line_of(job_id)
+    if line is None or job_id != keys.batch_job_id(batch_id, line):
+        raise BatchError(f"it holds answers of another batch ({record_id!r}, not of {batch_id}): give this "
+                         "batch output files of its own")
+    return line
 
 
-def recover(path: Path) -> tuple[set[int], int]:
+def recover(path: Path, batch_id: str) -> tuple[set[int], int]:
     """The input lines ``path`` already answers, and how many of its lines say ``completed``
     (status 200). A last line without its newline (cut short by a crash) is cut off."""
     done: set[int] = set()
@@ -166,7 +174,10 @@ def recover(path: Path) -> tuple[set[int], int]:
             if not raw.endswith(b"\n"):
                 break
             good_end += len(raw)
-            line = line_of_output(raw)
+            try:
+                line = line_of_output(raw, batch_id)
+            except BatchError as exc:
+                raise BatchError(f"{path}: {exc}") from None
             if line is not None:
                 done.add(line)
                 if b'"status_code":200,' in raw:
@@ -458,10 +469,10 @@ class BatchRunner:
 
     def _run(self) -> Progress:
         batch = self.batch
+        done_out, completed = recover(batch.output, batch.id)
+        done_err, _ = recover(batch.errors, batch.id)
         self.state.create({"deadline": repr(batch.deadline) if batch.deadline else ""})
         self.state.start(batch.lines)
-        done_out, completed = recover(batch.output)
-        done_err, _ = recover(batch.errors)
         progress = Progress(total=batch.lines, completed=completed, failed=len(done_err))
         outputs = _Outputs(batch, self.settings.batch.fsync_every_s)
         lines = read_lines(batch.input, done_out | done_err)

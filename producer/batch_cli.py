@@ -79,6 +79,9 @@ def run(
             except batches.BatchBusy as exc:
                 err.print(str(exc), style="red", markup=False)
                 raise typer.Exit(3) from None
+            except batches.BatchError as exc:
+                err.print(f"batch {the_id}: {exc}", style="red", markup=False)
+                raise typer.Exit(2) from None
             finally:
                 signal.signal(signal.SIGINT, previous)
     if progress.done < progress.total:

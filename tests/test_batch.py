@@ -207,6 +207,12 @@ def test_the_same_file_is_the_same_batch_and_a_running_batch_has_one_runner(redi
     busy = run_batch(redis_server.url, str(src), "-o", str(tmp_path / "o.jsonl"), "--batch-id", "batch_lease_test")
     assert busy.returncode == 3 and held.owner in busy.stderr
     held.release()
+    # Output files holding another batch's answers are refused, untouched
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "vqueue-batch_other-0", "custom_id": "x", "response": null, "error": null}\n')
+    refused = run_batch(redis_server.url, str(src), "-o", str(other))
+    assert refused.returncode == 2 and "another batch" in refused.stderr and "batch_other-0" in refused.stderr
+    assert other.read_text().count("\n") == 1
     # A holder on this host whose process is gone is taken over at once (a CLI killed a moment ago)
     gone = subprocess.Popen(["true"])
     gone.wait()
