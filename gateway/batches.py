@@ -66,6 +66,10 @@ _TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expir
           "cancelled_at")
 
 
+class FilesElsewhere(Exception):
+    """Raised when a batch's input file has metadata in Redis but no bytes in this gateway's files.dir."""
+
+
 class CreateBatch(BaseModel):
     """``POST /v1/batches``; unknown parameters are refused by name, as on the other endpoints."""
 
@@ -164,10 +168,15 @@ class Supervisor:
 
     def _ended(self, batch_id: str, future: asyncio.Future[None]) -> None:
         self._running.pop(batch_id, None)
-        if not future.cancelled() and future.exception() is not None:
-            self._retry_at[batch_id] = time.monotonic() + RETRY_AFTER_S
+        error = None if future.cancelled() else future.exception()
+        if error is None:
+            return
+        self._retry_at[batch_id] = time.monotonic() + RETRY_AFTER_S
+        if isinstance(error, FilesElsewhere):
+            log.warning("%s; trying again in %g s", error, RETRY_AFTER_S)
+        else:
             log.warning("batch %s: its runner failed; this gateway tries it again in %g s", batch_id, RETRY_AFTER_S,
-                        exc_info=future.exception())
+                        exc_info=error)
 
     def _run(self, batch_id: str) -> None:
         """One attempt at running the batch to its end (in a thread)."""
@@ -177,6 +186,12 @@ class Supervisor:
             return
         source = self._files.path(h["input_file_id"])
         if not source.exists():
+            if self.client.redis.exists(keys.file_key(h["input_file_id"])):
+                # Not deleted: this gateway looks in another folder. Leave the batch to a gateway that
+                # sees it, never fail it (nor write its outputs here).
+                raise FilesElsewhere(f"batch {batch_id}: its input file {h['input_file_id']} is not in this "
+                                     f"gateway's files.dir ({self._files.dir}); give every gateway on this Redis "
+                                     "the same files.dir (a shared volume)")
             self._fail(state, "missing_input_file", f"input file {h['input_file_id']} was deleted before the batch "
                        "ran; upload it again and create a new batch")
             return
