@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import ApiError, bad_request
 from gateway.files import OUTPUT_PURPOSE, FileStore
-from producer import keys
+from producer import connections, keys
 from producer.batch import (
     ENDPOINTS,
     FINAL,
@@ -58,6 +58,8 @@ MAX_RUNNING = 16
 RETRY_AFTER_S = 30.0
 #: How long a stopping gateway waits for its runners to hand their batches back.
 STOP_WAIT_S = 10.0
+#: Redis connections of one gateway process's files and batches (its jobs have the gateway's pool).
+REDIS_CONNECTIONS = 32
 #: ``completion_window``: OpenAI takes ``24h`` only; vqueue any positive number of s, m, h or d.
 _WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -238,7 +240,8 @@ class BatchService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = aioredis.Redis.from_url(settings.redis.url)
+        # Its own small pool: the endpoints and the supervisor make a few calls each, never block.
+        self.redis = connections.async_redis(settings, max_connections=REDIS_CONNECTIONS)
         self.files = FileStore(settings, self.redis)
         self.supervisor = Supervisor(settings, self.redis, self.files)
 
