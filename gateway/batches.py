@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -143,6 +144,9 @@ class Supervisor:
         while True:
             try:
                 await self.tick()
+            except (redis.RedisError, OSError) as exc:
+                # Redis restarting: the endpoints answer 503 meanwhile; one line, not a traceback a second.
+                log.warning("batch supervisor: Redis unreachable (%s); trying again", exc)
             except Exception:
                 log.warning("batch supervisor: could not look for batches; trying again", exc_info=True)
             with contextlib.suppress(TimeoutError):
@@ -174,8 +178,8 @@ class Supervisor:
         if error is None:
             return
         self._retry_at[batch_id] = time.monotonic() + RETRY_AFTER_S
-        if isinstance(error, FilesElsewhere):
-            log.warning("%s; trying again in %g s", error, RETRY_AFTER_S)
+        if isinstance(error, FilesElsewhere | redis.RedisError):
+            log.warning("batch %s: %s; trying again in %g s", batch_id, error, RETRY_AFTER_S)
         else:
             log.warning("batch %s: its runner failed; this gateway tries it again in %g s", batch_id, RETRY_AFTER_S,
                         exc_info=error)
