@@ -26,7 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from gateway import metrics
+from gateway import batches, files, metrics
 from gateway.errors import ApiError, bad_request, not_found, response, unauthorized
 from producer import openai_api as protocol
 from producer.aio import AsyncClient
@@ -367,9 +367,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway(settings)
+        app.state.batches = batches.BatchService(settings)  # /v1/files, /v1/batches and their supervisor
+        await app.state.batches.start()
         try:
             yield
         finally:
+            await app.state.batches.aclose()
             await app.state.gateway.client.aclose()
 
     app = FastAPI(title="vqueue gateway", version=version(), lifespan=lifespan)
@@ -426,6 +429,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _run(request, ChatCompletionRequest)
 
+    v1.include_router(files.router)
+    v1.include_router(batches.router)
     app.include_router(v1)
     return app
 

@@ -7,6 +7,7 @@ Every error answer is ``{"error": {"message", "type", "param", "code"}}`` as vLL
 400   BadRequestError             invalid input; ``param`` names the parameter
 401   AuthenticationError         ``gateway.api_keys`` is set and the Bearer key is not one of them
 404   NotFoundError               the model no live worker serves (the message lists those served)
+409   ConflictError               cancelling a batch that already ended (``/v1/batches``)
 410   CancelledError              the job was cancelled (``vqueue cancel``, a purge, a client gone)
 429   RateLimitError              the model's backlog is at ``queue.max_backlog``; ``Retry-After``
 500   InternalServerError         the engine failed on the job (``EngineError``, ``Quarantined``)

@@ -104,6 +104,8 @@ class Batch:
     deadline: float | None = None
     #: Model for lines whose body names none.
     default_model: str | None = None
+    #: The one ``url`` its lines may name (OpenAI's batch ``endpoint``); None: any of ``ENDPOINTS``.
+    endpoint: str | None = None
 
 
 def fingerprint(path: Path) -> tuple[str, int]:
@@ -223,6 +225,9 @@ def parse_line(batch: Batch, index: int, raw: bytes, priority: int) -> Line:
     kind = ENDPOINTS.get(url) if isinstance(url, str) else None
     if kind is None:
         return bad("invalid_url", f"`url` {url!r} is not one vqueue runs: {', '.join(ENDPOINTS)}", "url", custom_id)
+    if batch.endpoint is not None and url != batch.endpoint:
+        return bad("invalid_url", f"`url` {url!r} differs from the batch's endpoint {batch.endpoint!r}; put the "
+                   "lines of each endpoint in a batch of their own", "url", custom_id)
     body = request.get("body")
     if not isinstance(body, dict):
         return bad("invalid_request", "`body` must be a JSON object (the request of `url`)", "body", custom_id)

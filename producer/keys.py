@@ -88,6 +88,12 @@ key                                type     holds
                                             runner at a time, renewed while it runs); TTL
                                             ``batch.lease_s``
 ``vqueue:batches``                 zset     batch ids the gateway accepted, by creation time
+``vqueue:file:<file id>``          hash     a file of ``/v1/files`` (``gateway.files``): id,
+                                            filename, purpose, bytes, created_at, and
+                                            ``batch`` for a batch's output / error file;
+                                            its bytes are ``<files.dir>/<file id>``. No
+                                            TTL: it lives until ``DELETE /v1/files/<id>``
+``vqueue:files``                   zset     every file id of ``/v1/files``, by creation time
 =================================  =======  ==============================================
 """
 
@@ -116,6 +122,9 @@ CANCEL_CHANNEL = "vqueue:cancel"
 BATCH_KEY_PREFIX = "vqueue:batch:"
 #: Every batch the gateway accepted (``/v1/batches``), newest first by creation time.
 BATCHES_KEY = "vqueue:batches"
+FILE_KEY_PREFIX = "vqueue:file:"
+#: Every file ``/v1/files`` holds (uploads and batch outputs), by creation time.
+FILES_KEY = "vqueue:files"
 #: kombu's Redis transport names priority step k of queue q ``q + "\x06\x16" + str(k)`` (k > 0).
 KOMBU_PRIORITY_SEP = "\x06\x16"
 #: vqueue priorities: 0-9, a higher number runs first.
@@ -158,6 +167,10 @@ def job_key(job_id: str) -> str:
 
 def batch_key(batch_id: str) -> str:
     return f"{BATCH_KEY_PREFIX}{batch_id}"
+
+
+def file_key(file_id: str) -> str:
+    return f"{FILE_KEY_PREFIX}{file_id}"
 
 
 def batch_owner_key(batch_id: str) -> str:
