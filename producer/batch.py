@@ -397,6 +397,10 @@ class BatchState:
         # Not over a cancel asked for while no runner ran: that one stands.
         self._redis.eval(_SET_STATUS_UNLESS, 1, self.key, "in_progress", "cancelling", *FINAL)
 
+    def submitted_through(self, line: int) -> None:
+        """Lines up to ``line`` (file line index) may have jobs: what ``cancel_batch`` cancels."""
+        self._redis.eval(_SET_MAX, 1, self.key, "submitted_through", line)
+
     def status(self) -> str | None:
         raw = self._redis.hget(self.key, "status")
         return raw.decode() if raw is not None else None
@@ -413,6 +417,11 @@ class BatchState:
             pipe.execute()
 
 
+_SET_MAX = """
+local now = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if tonumber(ARGV[2]) > now then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
 _SET_STATUS_UNLESS = """
 local now = redis.call('HGET', KEYS[1], 'status')
 for i = 2, #ARGV do if now == ARGV[i] then return 0 end end
@@ -428,14 +437,16 @@ def cancel_batch(client: Client, batch_id: str) -> str:
     record = state.read()
     if not record:
         return f"batch {batch_id}: unknown (never run here, or ended more than redis.result_ttl_s ago)"
-    if record.get("status") in FINAL:
-        return f"batch {batch_id}: already {record['status']}; nothing to cancel"
-    client.redis.hset(state.key, mapping={"status": "cancelling", "cancelling_at": repr(time.time())})
-    lines = int(record.get("lines", 0))
-    ids = [keys.batch_job_id(batch_id, i) for i in range(lines)]
+    # Compare and set: a batch that ended a moment ago stays as it ended.
+    if not client.redis.eval(_SET_STATUS_UNLESS, 1, state.key, "cancelling", *FINAL):
+        return f"batch {batch_id}: already {state.status()}; nothing to cancel"
+    client.redis.hset(state.key, "cancelling_at", repr(time.time()))
+    # Every job its runners submitted (lines in file order, blank ones included in the count).
+    submitted = int(record.get("submitted_through", -1)) + 1
+    ids = [keys.batch_job_id(batch_id, i) for i in range(submitted)]
     for start in range(0, len(ids), 1000):
         client.cancel_many(ids[start:start + 1000])
-    return f"batch {batch_id}: cancelling ({lines} lines); its runner ends it with what finished"
+    return f"batch {batch_id}: cancelling ({record.get('lines', '?')} lines); its runner ends it with what finished"
 
 
 class BatchRunner:
@@ -544,6 +555,7 @@ class BatchRunner:
             held.append(line)
             room -= 1
         if held:
+            self.state.submitted_through(held[-1].index)
             try:
                 self.client.submit_new(line.job for line in held if line.job is not None)
                 taken = len(held)
