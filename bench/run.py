@@ -459,15 +459,17 @@ def device() -> str:
 def git_state() -> dict:
     """The checkout measured: HEAD and whether the tree differed from it. Where there is no git
     repository (a device machine gets the tree without .git), VQUEUE_BENCH_COMMIT says it
-    ("<sha>" or "<sha>-dirty", filled in where the call was made)."""
+    ("<sha>" or "<sha>-dirty", filled in where the call was made); when set it wins (a device
+    machine's tree once carried a stale .git of an older commit)."""
+    given = os.environ.get("VQUEUE_BENCH_COMMIT", "")
+    if given:
+        return {"commit": given.removesuffix("-dirty"), "dirty": given.endswith("-dirty"), "from": "VQUEUE_BENCH_COMMIT"}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
         return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.CalledProcessError):
-        given = os.environ.get("VQUEUE_BENCH_COMMIT", "")
-        return {"commit": given.removesuffix("-dirty") or None, "dirty": given.endswith("-dirty") if given else None,
-                "from": "VQUEUE_BENCH_COMMIT"}  # fmt: skip
+        return {"commit": None, "dirty": None}
 
 
 def spread(values: list[float]) -> dict:
