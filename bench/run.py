@@ -463,7 +463,8 @@ def git_state() -> dict:
     machine's tree once carried a stale .git of an older commit)."""
     given = os.environ.get("VQUEUE_BENCH_COMMIT", "")
     if given:
-        return {"commit": given.removesuffix("-dirty"), "dirty": given.endswith("-dirty"), "from": "VQUEUE_BENCH_COMMIT"}
+        return {"commit": given.removesuffix("-dirty"), "dirty": given.endswith("-dirty"),
+                "from": "VQUEUE_BENCH_COMMIT"}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
