@@ -1,5 +1,6 @@
-"""A large batch file through `vqueue batch run` (the real CLI) on this machine: wall time, lines/s,
-and the most memory the CLI held (its peak RSS, from GNU time), with every line answered once.
+"""A large batch file through `vqueue batch run` (the real CLI) and through the gateway's
+`/v1/batches` (the openai client) on this machine: wall time, lines/s, and the most memory the
+CLI and the gateway held (peak RSS: GNU time's, and the gateway's VmHWM), every line answered once.
 
     python -m bench.batch_file --model .models/tiny-qwen2-vl --lines 20000 --max-tokens 2
 
@@ -55,6 +56,7 @@ def main() -> None:
             run = subprocess.run(cmd, cwd=ROOT, env={**env, "VQUEUE_REDIS__URL": redis_server.url},
                                  capture_output=True, text=True)
             wall = time.perf_counter() - started
+            via_gateway = through_gateway(redis_server.url, src, work, args.lines)
     if run.returncode != 0:
         raise SystemExit(f"vqueue batch run failed ({run.returncode}):\n{run.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
@@ -67,13 +69,43 @@ def main() -> None:
         "lines": args.lines, "max_tokens": args.max_tokens, "input_bytes": src.stat().st_size,
         "output_bytes": out.stat().st_size, "wall_s": round(wall, 2), "lines_per_s": round(args.lines / wall, 1),
         "cli_peak_rss_mib": round(peak_kb / 1024, 1), "answered": len(ids), "distinct": len(set(ids)),
-        "failed": failed,
+        "failed": failed, "gateway": via_gateway,
     }  # fmt: skip
     assert len(ids) == len(set(ids)) == args.lines and failed == 0, record
     path = Path(args.out) / f"{args.label}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     print(f"wrote {path}")
+
+
+def through_gateway(redis_url: str, src: Path, work: Path, lines: int) -> dict:
+    """The same file through `vqueue gateway`'s /v1/files and /v1/batches with the openai client
+    (a new batch: the gateway's batch id is its own); the gateway's peak RSS from /proc."""
+    import openai
+
+    from devtools.gateway_process import start_gateway
+
+    gateway = start_gateway(redis_url, work, FILES__DIR=str(work / "files"))
+    try:
+        client = openai.OpenAI(base_url=f"{gateway.base}/v1", api_key="none")
+        started = time.perf_counter()
+        uploaded = client.files.create(file=src.open("rb"), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            time.sleep(0.5)
+            batch = client.batches.retrieve(batch.id)
+        wall = time.perf_counter() - started
+        output = client.files.content(batch.output_file_id).text.splitlines() if batch.output_file_id else []
+        status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
+        peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    finally:
+        gateway.close()
+    ids = [json.loads(line)["custom_id"] for line in output]
+    assert batch.status == "completed" and len(ids) == len(set(ids)) == lines, (batch.status, len(ids))
+    return {"status": batch.status, "wall_s": round(wall, 2), "lines_per_s": round(lines / wall, 1),
+            "gateway_peak_rss_mib": round(peak_kb / 1024, 1), "answered": len(ids),
+            "request_counts": batch.request_counts.model_dump() if batch.request_counts else None}
 
 
 if __name__ == "__main__":
