@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 from devtools.redis_server import free_port
+from devtools.subprocesses import stop, wait_until_answers
 
 #: The repository root: the gateway runs there, as ``vqueue gateway`` in a checkout would.
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,25 +32,11 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout_s: float = 60) -> GatewayProcess:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(self.base + "/version", timeout=2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"gateway not answering after {timeout_s:g} s:\n{self.log_text()}") from None
-                time.sleep(0.2)
+        wait_until_answers(self.base + "/version", self.proc, self.log_path, "gateway", timeout_s)
+        return self
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc, 15)
         self._log.close()
 
 

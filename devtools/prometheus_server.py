@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.redis_server import free_port
+from devtools.subprocesses import stop, wait_until_answers
 
 
 class PrometheusError(RuntimeError):
@@ -123,25 +124,11 @@ class PrometheusServer(PrometheusClient):
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout_s: float = 60) -> PrometheusServer:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(self.base + "/-/ready", timeout=2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"prometheus not ready after {timeout_s:g} s:\n{self.log_text()}") from None
-                time.sleep(0.2)
+        wait_until_answers(self.base + "/-/ready", self.proc, self.log_path, "prometheus", timeout_s)
+        return self
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(3)  # its TSDB is a throwaway: no need to wait for a clean flush
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc, 3)  # its TSDB is a throwaway: no need to wait for a clean flush
         self._log.close()
 
     def __enter__(self) -> PrometheusServer:

@@ -20,6 +20,7 @@ import redis
 
 from devtools.gateway_process import GatewayProcess, start_gateway
 from devtools.redis_server import RedisServer, free_port
+from devtools.subprocesses import stop
 from devtools.worker_process import WorkerProcess, cpu_engine_env, tiny_model_env
 from producer import Client, Settings, keys
 
@@ -183,12 +184,7 @@ class Flower:
         time.sleep(2)  # Flower subscribes to the event stream after its HTTP server is up
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc, 10)
         self._log.close()
 
 

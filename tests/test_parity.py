@@ -18,8 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from PIL import Image
 from bench.run import serve_command
 from devtools.gateway_process import GatewayProcess, start_gateway
 from devtools.redis_server import RedisServer, free_port
+from devtools.subprocesses import wait_until_answers
 from devtools.worker_process import cpu_engine_env, tiny_model_env
 from producer import Settings
 from tests.conftest import MODEL, ROOT
@@ -66,17 +65,8 @@ class VllmServe:
                                      start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 900) -> VllmServe:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Server exited unexpectedly:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(self.base + "/health", timeout=2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("Server failed to start in time.") from None
-                time.sleep(1)
+        wait_until_answers(self.base + "/health", self.proc, self.log_path, "vllm serve", timeout_s, interval_s=1)
+        return self
 
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):
