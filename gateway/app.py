@@ -30,7 +30,7 @@ from gateway import batches, files, metrics
 from gateway.errors import ApiError, bad_request, not_found, response, unauthorized
 from producer import openai_api as protocol
 from producer.aio import AsyncClient
-from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout, QueueFull
+from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout, QueueFull, RedisFull
 from producer.openai_api import ChatCompletionRequest, CompletionRequest, failure, version
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, StreamChunk
 from producer.settings import Settings, get_settings
@@ -388,6 +388,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(BrokerUnavailable)
     async def _redis_down(request: Request, exc: BrokerUnavailable) -> JSONResponse:
         return response(ApiError(503, "ServiceUnavailableError", str(exc)))
+
+    @app.exception_handler(RedisFull)
+    async def _redis_full(request: Request, exc: RedisFull) -> JSONResponse:
+        retry = str(settings.gateway.retry_after_s)
+        return response(ApiError(503, "ServiceUnavailableError", str(exc), None, {"Retry-After": retry}))
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:

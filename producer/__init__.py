@@ -16,6 +16,7 @@ from producer.errors import (
     ModelNotServed,
     Quarantined,
     QueueFull,
+    RedisFull,
     VQueueError,
 )
 from producer.protocol import (
@@ -67,6 +68,7 @@ __all__ = [
     "Quarantined",
     "QueueFull",
     "QueueStats",
+    "RedisFull",
     "ResponseFormat",
     "Sampling",
     "Settings",

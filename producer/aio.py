@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError
 
 from producer import connections, keys, records, streams
 from producer.client import Client, cancel_said, models_of
-from producer.errors import BrokerUnavailable, JobFailed, JobTimeout, QueueFull
+from producer.errors import BrokerUnavailable, JobFailed, JobTimeout, QueueFull, RedisFull
 from producer.outcomes import decode_meta, revoked_meta
 from producer.protocol import ChatJob, CompletionJob, JobResult, ModelInfo, StreamChunk, StreamEnd, WorkerInfo
 from producer.settings import Settings, get_settings
@@ -117,12 +117,17 @@ class AsyncClient:
             return job.id, False
 
         async def send() -> None:
-            async with self._redis.pipeline(transaction=False) as pipe:
+            # One MULTI/EXEC: a Redis at its maxmemory takes all of the job's writes or none.
+            async with self._redis.pipeline(transaction=True) as pipe:
                 publisher.stage(pipe, message, ttl)
                 await pipe.execute()
 
         try:
             await self._reaching(send())
+        except redis.exceptions.OutOfMemoryError as exc:
+            with contextlib.suppress(*_REDIS_DOWN, redis.RedisError):
+                await asyncio.shield(self._redis.delete(keys.job_key(job.id)))
+            raise RedisFull(0, 1, exc) from None
         except BaseException:
             # Not sent: free the id, so that a retry with it is not left waiting for nothing.
             with contextlib.suppress(*_REDIS_DOWN, redis.RedisError):

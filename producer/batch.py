@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from producer import keys
 from producer.client import AnyJob, Client
-from producer.errors import JobCancelled, JobExpired, JobFailed, QueueFull, VQueueError
+from producer.errors import JobCancelled, JobExpired, JobFailed, QueueFull, RedisFull, VQueueError
 from producer.openai_api import (
     ApiError,
     ChatCompletionRequest,
@@ -564,8 +564,10 @@ class BatchRunner:
                 taken = max(0, full.limit - full.depth)
                 try:
                     self.client.submit_new(line.job for line in held[:taken] if line.job is not None)
-                except QueueFull:
+                except (QueueFull, RedisFull):
                     taken = 0
+            except RedisFull:
+                taken = 0  # Redis at its maxmemory: nothing of this transaction went in; try again next tick
             for line in held[:taken]:
                 assert line.job is not None
                 self._lines[line.job.id] = line

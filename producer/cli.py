@@ -38,6 +38,7 @@ from producer.errors import (
     JobTimeout,
     ModelNotServed,
     QueueFull,
+    RedisFull,
     redact_url,
 )
 from producer.metrics import EXPORTER_PORT
@@ -490,7 +491,7 @@ def main() -> None:
     """The ``vqueue`` command: Redis unreachable is one clear line, never a traceback."""
     try:
         app()
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, RedisFull) as exc:
         err.print(str(exc), style="red", markup=False, highlight=False)
         raise SystemExit(4) from None
 

@@ -24,6 +24,7 @@ from producer.errors import (
     JobTimeout,
     ModelNotServed,
     QueueFull,
+    RedisFull,
 )
 from producer.images import move_images_to_blobs
 from producer.outcomes import decode_meta, revoked_error, revoked_meta, state_of
@@ -141,7 +142,10 @@ class Client:
             with self._redis.pipeline(transaction=True) as pipe:
                 for m in messages:
                     self.publisher.stage(pipe, m, self.settings.redis.result_ttl_s)
-                pipe.execute()
+                try:
+                    pipe.execute()
+                except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as exc:
+                    raise RedisFull(0, len(messages), exc) from None
         return [job.id for job in jobs]
 
     def _check_backlog(self, jobs: list[AnyJob]) -> None:

@@ -135,6 +135,23 @@ class BrokerUnavailable(VQueueError):
         self.url = redact_url(url)
 
 
+class RedisFull(VQueueError):
+    """Redis refused to store jobs: it is at its ``maxmemory`` (with ``noeviction``, as vqueue
+    asks, it refuses writes rather than dropping queued jobs). ``sent`` of the call's ``total``
+    jobs were queued before it (the first ``sent``, in order: each pipeline of jobs is one
+    MULTI/EXEC, all or none); the rest were not."""
+
+    def __init__(self, sent: int, total: int, cause: BaseException) -> None:
+        super().__init__(
+            f"Redis is full (its maxmemory; {cause}): {sent} of this call's {total} jobs were queued before it, "
+            f"the other {total - sent} were not. Raise Redis's maxmemory, lower redis.result_ttl_s (stored results "
+            "take memory too), or set queue.max_backlog so that submit raises QueueFull before Redis fills; "
+            "then submit the rest again."
+        )
+        self.sent = sent
+        self.total = total
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password replaced, for messages and logs; each address of a
     ``sentinel://a;sentinel://b`` URL on its own."""

@@ -15,6 +15,7 @@ import redis.asyncio
 from celery import Celery
 
 from producer import connections, keys
+from producer.errors import RedisFull
 from producer.settings import Settings
 
 
@@ -169,14 +170,23 @@ class JobPublisher:
         return added
 
     def publish(self, messages: Iterable[Outgoing], blob_ttl_s: int, chunk: int = 1000) -> None:
-        """Send ``messages`` in order, in pipelines of about ``chunk`` commands (``stage``)."""
-        with self._client.pipeline(transaction=False) as pipe:
-            pending = 0
-            for m in messages:
-                self.declare(m.queue)
-                pending += self.stage(pipe, m, blob_ttl_s)
-                if pending >= chunk:
+        """Send ``messages`` in order, in transactions of about ``chunk`` commands (``stage``):
+        each all or nothing, so a Redis at its maxmemory (``RedisFull``) has taken a known
+        first part of them."""
+        messages = list(messages)
+        sent = staged = 0
+        with self._client.pipeline(transaction=True) as pipe:
+            try:
+                pending = 0
+                for m in messages:
+                    self.declare(m.queue)
+                    pending += self.stage(pipe, m, blob_ttl_s)
+                    staged += 1
+                    if pending >= chunk:
+                        pipe.execute()
+                        sent, pending = staged, 0
+                if pending:
                     pipe.execute()
-                    pending = 0
-            if pending:
-                pipe.execute()
+                    sent = staged
+            except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as exc:
+                raise RedisFull(sent, len(messages), exc) from None

@@ -23,7 +23,7 @@ from devtools.redis_server import RedisServer
 from producer import Client, CompletionJob, Settings, keys
 from producer.aio import AsyncClient
 from producer.connections import sentinel_target
-from producer.errors import redact_url
+from producer.errors import RedisFull, redact_url
 from tests.conftest import ROOT
 from worker.broker import job_id_of
 
@@ -203,3 +203,25 @@ def test_backup_and_restore_drill_from_the_aof_finds_every_queued_job(tmp_path: 
     with RedisServer(backup, appendonly=True) as restored, Client(Settings(redis={"url": restored.url})) as client:
         _assert_every_job_queued(client, ids)
         assert _ids_in_lists(redis.Redis.from_url(restored.url)) == {p: set(v) for p, v in ids.items()}
+
+
+def test_a_full_redis_takes_whole_pipelines_of_jobs_and_the_error_says_how_many(tmp_path: Path) -> None:
+    # Given a Redis at a small maxmemory, refusing writes rather than evicting (as vqueue asks)
+    with RedisServer(tmp_path / "redis") as server:
+        r = redis.Redis.from_url(server.url)
+        r.config_set("maxmemory", "4mb")
+        r.config_set("maxmemory-policy", "noeviction")
+        jobs = [CompletionJob(model="tiny-full", prompt=f"{i} " + "x" * 200) for i in range(5000)]
+        # When one call submits more than fits
+        with Client(Settings(redis={"url": server.url})) as client, pytest.raises(RedisFull) as info:
+            client.submit_many(jobs)
+        # Then it says how many went in, and exactly those are queued, whole (record and message)
+        sent = info.value.sent
+        assert 0 < sent < len(jobs) and info.value.total == len(jobs)
+        assert f"{sent} of this call's {len(jobs)} jobs were queued" in str(info.value)
+        with Client(Settings(redis={"url": server.url})) as client:
+            assert client.queue_length("tiny-full") == sent
+        records = r.pipeline(transaction=False)
+        for job in jobs:
+            records.exists(keys.job_key(job.id))
+        assert records.execute() == [1] * sent + [0] * (len(jobs) - sent)
