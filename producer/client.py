@@ -549,14 +549,6 @@ def _meta_template(error: dict) -> tuple[str, str]:
     return head[:-1] + ', "task_id": ', "}"
 
 
-def _job_id_of(envelope: bytes) -> str | None:
-    try:
-        job_id = json.loads(envelope)["headers"]["id"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return job_id if isinstance(job_id, str) else None
-
-
 def _part_repr(part: Any) -> str:
     # Never an image's bytes: a 10 MB data URI must not reach Flower or the logs.
     return part.text if part.type == "text" else "<image>"
