@@ -45,6 +45,7 @@ def tiny_model_env(model_dir: Path, redis_url: str, served_name: str = "tiny-qwe
         "VQUEUE_WORKER__MAX_IN_FLIGHT": "64",
         "VQUEUE_WORKER__LOG_STATS_INTERVAL_S": "2",
         "VQUEUE_WORKER__HEARTBEAT_S": "1",
+        "VQUEUE_WORKER__LOG_EACH_JOB": "true",  # tests count Celery's "received" lines
     }
 
 

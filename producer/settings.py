@@ -115,6 +115,12 @@ class WorkerSettings(_Section):
     gil_switch_interval_s: float = Field(0.0005, gt=0)
     #: Task events for Flower (received, succeeded); Celery publishes them in batches.
     task_events: bool = True
+    #: Celery's two INFO lines per job ("received", "succeeded in"). Off by default: at
+    #: thousands of jobs a second they were about a tenth of the worker's CPU (a py-spy of a
+    #: burst, bench/results/NOTES.md), and each job's record (`vqueue job`), Flower and the
+    #: metrics say the same, as for a job's typed failure (InvalidJob, ...: Celery logs
+    #: those at INFO too). Unexpected errors are logged either way.
+    log_each_job: bool = False
     #: How often a worker renews its announcement in Redis (``vqueue models``).
     heartbeat_s: float = Field(5.0, gt=0)
     #: The worker asks its engine process for a sign of life this often...

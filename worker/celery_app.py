@@ -73,6 +73,14 @@ _heartbeat: Heartbeat | None = None
 _leases: LeaseKeeper | None = None
 
 
+@signals.after_setup_logger.connect
+def _quiet_per_job_lines(**_: Any) -> None:
+    # Celery reads these levels once, when it builds the strategy and the tracer (after this).
+    if not settings.worker.log_each_job:
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @signals.worker_init.connect
 def _start_engine(sender: Any = None, **_: Any) -> None:
     log.info("vqueue worker: model %r from %s, queue %s, %d jobs in flight at most",
