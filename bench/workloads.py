@@ -3,6 +3,8 @@
 A: text jobs, random token-id prompts, fixed output length (ignore_eos), all at once.
 B: chat jobs with one random-pixel image each, fixed output length, all at once.
 C: text jobs one at a time (per-job latency at idle).
+I: intake, a burst of text jobs of one output token each: how fast jobs get from Redis into the
+   engine (``intake_jobs_per_s``, from the jobs' start times), with as little engine work as can be.
 Every timed run and warm-up draws fresh prompts and images (prefix caching would otherwise
 measure the cache).
 """
@@ -40,12 +42,14 @@ PRESETS = {
     # The issue's sizes, for a GPU.
     "gpu": {"A": Workload("A", 1000, prompt_tokens=256, output_tokens=256),
             "B": Workload("B", 200, image_size=448, output_tokens=128),
-            "C": Workload("C", 100, prompt_tokens=256, output_tokens=32, concurrent=False)},
+            "C": Workload("C", 100, prompt_tokens=256, output_tokens=32, concurrent=False),
+            "I": Workload("I", 1000, prompt_tokens=16, output_tokens=1)},
     # The tiny model on a 2-core CPU: same shapes, scaled to finish in minutes; greedy, since
     # random sampling over a 151,936-token vocabulary is the CPU's bottleneck, not the queue.
     "cpu": {"A": Workload("A", 256, prompt_tokens=256, output_tokens=64, temperature=0.0),
             "B": Workload("B", 64, image_size=448, output_tokens=32, temperature=0.0),
-            "C": Workload("C", 100, prompt_tokens=64, output_tokens=16, concurrent=False, temperature=0.0)},
+            "C": Workload("C", 100, prompt_tokens=64, output_tokens=16, concurrent=False, temperature=0.0),
+            "I": Workload("I", 256, prompt_tokens=16, output_tokens=1, temperature=0.0)},
 }  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,34 +133,40 @@ def test_redis_killed_and_restarted_from_its_aof_loses_nothing(workers, rclient:
 
 
 def test_sigkilled_workers_jobs_run_on_the_other_within_the_lease(workers, rclient: Client, aof_redis) -> None:
-    # Given 24 long jobs spread over both workers, all started
+    # Given 24 long jobs on the two workers, all started
     ids = rclient.submit_many(jobs(24, 700, "kill"))
     probe = redis.Redis.from_url(aof_redis.url)
     deadline = time.monotonic() + 180
     while not all(attempts(probe, ids)):
         assert time.monotonic() < deadline, "jobs did not start"
         time.sleep(0.05)
-    # When one worker is SIGKILLed with its engine (as the OOM killer or a node loss would)
+    # When the worker holding the most of them is SIGKILLed with its engine (as the OOM killer
+    # or a node loss would; a worker takes as many waiting jobs as it has free slots at once,
+    # so either one may hold them all)
+    holders = Counter(rclient.job(i).attempts[0].worker.split("@")[0] for i in ids)
+    victim = holders.most_common(1)[0][0]
+    survivor = next(name for name in workers if name != victim)
     killed_at = time.time()
-    workers["w1"].kill()
+    workers[victim].kill()
     results = list(rclient.as_completed(ids, timeout=600))
-    # Then every job finished, none failed, and w1's jobs ran again on w2, each once more
+    # Then every job finished, none failed, and the victim's jobs ran again on the survivor, each once more
     assert sorted(r.id for r in results if isinstance(r, JobResult)) == sorted(ids), [str(r) for r in results]
     rerun = [r for r in results if r.attempt == 2]
-    assert rerun, "w1 held none of the jobs: the test proves nothing"
+    assert 0 < len(rerun) <= holders[victim]
     assert {r.attempt for r in results} <= {1, 2}
-    assert all(r.worker.startswith("w2@") for r in rerun)
-    assert all(r.worker.startswith("w2@") for r in results if r.attempt == 1 and r.timings.finished_at > killed_at)
+    assert all(r.worker.startswith(f"{survivor}@") for r in rerun)
+    assert all(r.worker.startswith(f"{survivor}@") for r in results
+               if r.attempt == 1 and r.timings.finished_at > killed_at)
     # within the lease plus one restore sweep (and the time to take a message), not an hour
     back_after = max(r.timings.started_at for r in rerun) - killed_at
     # (the last renewal came up to lease / 6 before the kill; a busy survivor's sweep and intake
     # take seconds on two cores: the bound is "about a lease", against an hour before leases)
-    assert back_after <= LEASE_S + 2 * SWEEP_S + 10, f"w1's jobs ran again only {back_after:.1f} s after the kill"
+    assert back_after <= LEASE_S + 2 * SWEEP_S + 10, f"{victim}'s jobs ran again only {back_after:.1f} s after the kill"
     assert_nothing_leased(probe)
 
 
 def test_hung_engine_hands_its_jobs_back_and_the_worker_exits_70(workers, rclient: Client, aof_redis) -> None:
-    survivor = workers["w2"]
+    survivor = next(w for w in workers.values() if w.proc.poll() is None)  # the kill test's survivor
     engine = psutil.Process(survivor.proc.pid).children(recursive=True)
     probe = redis.Redis.from_url(aof_redis.url)
     # Given jobs running in the engine (they may finish before the hang on a fast machine)
