@@ -21,7 +21,7 @@ from producer import keys
 from producer.protocol import WorkerInfo
 from producer.settings import get_settings
 from producer.transport import make_celery
-from worker import broker, streaming
+from worker import broker, result_backend, streaming
 from worker.dead_letters import DeadLetters
 from worker.engine import EngineHolder
 from worker.leases import LeaseKeeper
@@ -59,6 +59,8 @@ app.conf.update(
 # kombu's Redis transport (or its Sentinel one), but no message can stop the consumer
 # (worker.broker says why).
 app.conf.broker_transport = broker.transport_for(settings.redis.url)
+# Celery's Redis result backend, its client read without a lock (worker.result_backend says why).
+app.conf.result_backend = result_backend.url_for(settings.redis.url)
 
 #: How long a stopping worker waits for its stream entries to be written.
 STREAM_FLUSH_TIMEOUT_S = 5.0
