@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import kombu
@@ -14,6 +17,8 @@ from producer import Client, CompletionJob, keys
 from producer.settings import Settings
 from producer.transport import priority_options
 from worker import broker
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_an_ack_that_cannot_reach_redis_frees_the_prefetch_slot_and_keeps_the_lease(tmp_path: Path) -> None:
@@ -131,3 +136,14 @@ def test_an_unreadable_message_in_a_batch_is_dead_lettered_and_the_rest_delivere
         assert [type(error).__name__ for _, error in malformed] == ["MalformedMessage", "MalformedMessage"]
         assert admin.llen(default) == 0
         assert admin.hlen(keys.UNACKED_KEY) == admin.zcard(keys.UNACKED_INDEX_KEY) == 4
+
+
+def test_the_workers_result_backend_has_a_redis_connection_for_every_pool_thread() -> None:
+    # Bug it catches: Celery's result backend on redis-py's default pool of 100 connections
+    # under 1000 pool threads: "Too many connections", logged with a traceback and retried
+    # after a sleep, thousands of times per burst (the worker's intake halved).
+    env = {**os.environ, "VQUEUE_REDIS__URL": "redis://127.0.0.1:1/0", "VQUEUE_WORKER__MAX_IN_FLIGHT": "1000"}
+    code = "from worker.celery_app import app; print(app.backend.client.connection_pool.max_connections)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 1000

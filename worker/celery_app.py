@@ -54,6 +54,12 @@ app.conf.update(
     # No STARTED write to the result key: the job's attempt counter (one INCR the task
     # makes anyway) tells producers it started, and saves a Redis round trip per job.
     task_track_started=False,
+    # Every pool thread may be in a Redis call at once (its pick-up, result, stream end), and
+    # so may the heartbeat, lease, stream and metrics threads. Celery's result backend builds
+    # redis-py's pool, which allows 100 connections by default: past that a call raised "Too
+    # many connections", which Celery logged with its traceback and retried after a sleep,
+    # thousands of times in one burst of 1000 jobs (the worker's intake halved).
+    redis_max_connections=settings.worker.max_in_flight + 64,
     worker_hijack_root_logger=True,
 )
 # kombu's Redis transport (or its Sentinel one), but no message can stop the consumer
