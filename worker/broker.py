@@ -306,7 +306,9 @@ class Channel(kombu_redis.Channel):
         BRPOP brings one message per round trip, and kombu then records it as held in a
         second; in a burst, each message also paid a turn of the consumer's event loop. Here
         the rest of a burst comes in batches of ``TAKE_MAX``, taken and recorded by one script
-        (``_TAKE``). Redis errors are left to the next BRPOP: the script took nothing then.
+        (``_TAKE``). On a Redis error the next BRPOP carries on: a script Redis refused took
+        nothing, and one whose reply was lost left what it took held, unrenewed, so its lease
+        brings it back (``worker.leases``).
         """
         queue = keys.queue_of_list(dest)
         lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
