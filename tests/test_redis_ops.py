@@ -113,12 +113,15 @@ from kombu import Consumer
 from worker.celery_app import app, settings
 from producer import keys
 queue = app.amqp.queues[keys.queue_for(settings.model.served_name)]
-taken = []
+held = []
 with app.connection_for_read() as conn:
-    def take(body, message):
-        taken.append(message.headers["id"]); message.ack()
-    with Consumer(conn, queues=[queue], callbacks=[take], accept=["json"]):
+    # Room for 5, as a worker with 5 free slots: one BRPOP, then the batch take for the rest.
+    with Consumer(conn, queues=[queue], callbacks=[lambda body, message: held.append(message)], accept=["json"],
+                  prefetch_count=5):
         conn.drain_events(timeout=20)
+        for message in held:
+            message.ack()
+taken = [message.headers["id"] for message in held]
 client = app.backend.client
 client.set("vqueue-test:backend-write", "1")
 print(json.dumps({"taken": taken, "backend_port": client.connection_pool.get_master_address()[1]}))
@@ -174,8 +177,10 @@ def test_planned_sentinel_failover_keeps_every_queued_job_and_every_client_follo
         highest = _ids_in_lists(group.server(group.ports["b"]))
         assert worker_side["backend_port"] == group.ports["b"]
         assert group.server(group.ports["b"]).get("vqueue-test:backend-write") == b"1"
-        assert len(worker_side["taken"]) == 1 and worker_side["taken"][0] not in highest[9]  # taken off the list
-        assert len(highest[9]) == 19  # a priority-9 job, first, as a worker takes them
+        # five taken off the new master's lists, priority 9 first, as a worker with 5 free slots takes them
+        assert len(worker_side["taken"]) == 5 and not set(worker_side["taken"]) & highest[9]
+        assert len(highest[9]) == 15
+        assert group.server(group.ports["b"]).hlen(keys.UNACKED_KEY) == 0  # all five held, then acked
 
 
 def test_backup_and_restore_drill_from_the_aof_finds_every_queued_job(tmp_path: Path) -> None:
