@@ -267,10 +267,14 @@ def test_health_check_fails_on_a_stale_or_absent_heartbeat_and_on_redis_down(red
     name = "celery@health-check-test"
     r.set(keys.worker_key(name), WorkerInfo(hostname=name, served_name="m", source="s", max_model_len=16,
                                             max_in_flight=1, modalities=["text"], started_at=time.time())
-          .model_dump_json(), px=600)  # fmt: skip
+          .model_dump_json(), ex=600)  # fmt: skip
     fresh = _vqueue("health", "--worker", "--hostname", name, redis_url=redis_server.url)
     assert fresh.returncode == 0, fresh.stderr
-    time.sleep(0.7)  # the beat was not renewed: its key expired
+    # The beat is not renewed: its key expires (not a short TTL set before the check above,
+    # which a slow CLI start on a loaded machine outlived)
+    r.pexpire(keys.worker_key(name), 1)
+    while r.exists(keys.worker_key(name)):
+        time.sleep(0.01)
     stale = _vqueue("health", "--worker", "--hostname", name, redis_url=redis_server.url)
     assert stale.returncode == 1 and f"no heartbeat from {name}" in stale.stderr
     absent = _vqueue("health", "--worker", "--hostname", "celery@no-such-worker", redis_url=redis_server.url)
