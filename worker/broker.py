@@ -182,6 +182,9 @@ return out
 #: At most this many messages per take: the script holds Redis for its run (~1 µs per
 #: kilobyte of message), and the consumer hands each one to the pool before it reads Redis again.
 TAKE_MAX = 64
+#: Takes after one BRPOP at most, so that a long backlog of jobs Celery drops at once (past
+#: their deadline) cannot keep the consumer from its event loop: the next BRPOP carries on.
+TAKES_PER_BRPOP = 16
 
 
 class QoS(kombu_redis.QoS):
@@ -312,7 +315,9 @@ class Channel(kombu_redis.Channel):
         """
         queue = keys.queue_of_list(dest)
         lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
-        while self._take is not False:
+        for _ in range(TAKES_PER_BRPOP):
+            if self._take is False:
+                return
             room = self.qos.can_consume_max_estimate()
             want = min(TAKE_MAX, room if room is not None else TAKE_MAX)
             if want <= 0:
