@@ -93,21 +93,33 @@ def read_envelope(raw: bytes | str) -> dict[str, Any]:
     return envelope
 
 
-def envelope_tag(raw: bytes | str) -> str | None:
-    """The delivery tag of a message, where one can be read."""
+def _field_of(raw: bytes | str, *path: str) -> Any:
+    """A field of an unreadable message (``"headers", "id"``), where one can still be read."""
     try:
-        return json.loads(raw)["properties"]["delivery_tag"]
+        value: Any = json.loads(raw)
+        for name in path:
+            value = value[name]
     except Exception:
         return None
+    return value
 
 
 def job_id_of(raw: bytes | str) -> str | None:
     """The job id of an unreadable message, where one can still be read."""
-    try:
-        job_id = json.loads(raw)["headers"]["id"]
-    except Exception:
-        return None
+    job_id = _field_of(raw, "headers", "id")
     return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+
+
+def _readable_or_dead_lettered(raw: bytes | str, queue: str) -> dict[str, Any] | None:
+    """The message's envelope (``read_envelope``), or None once ``on_malformed`` has it."""
+    try:
+        return read_envelope(raw)
+    except WireError as error:
+        try:
+            on_malformed(raw, queue, job_id_of(raw), error)
+        except Exception:  # Redis away, say: the message is lost, the worker is not
+            log.exception("could not dead-letter an unreadable message on %s", queue)
+        return None
 
 
 class _Orphans:
@@ -288,15 +300,9 @@ class Channel(kombu_redis.Channel):
                     return True
                 self.connection._deliver(envelope, dest)
                 return True
-            try:
-                envelope = read_envelope(item)
-            except WireError as error:
-                try:
-                    on_malformed(item, dest, job_id_of(item), error)
-                except Exception:  # Redis away, say: the message is lost, the worker is not
-                    log.exception("could not dead-letter an unreadable message on %s", dest)
-                return True
-            self.connection._deliver(envelope, dest)
+            envelope = _readable_or_dead_lettered(item, dest)
+            if envelope is not None:
+                self.connection._deliver(envelope, dest)
             self.take_more(dest)
             return True
         finally:
@@ -341,16 +347,11 @@ class Channel(kombu_redis.Channel):
                 return  # the queue is empty
 
     def _deliver_taken(self, raw: bytes, recorded: bool, queue: str) -> None:
-        try:
-            envelope = read_envelope(raw)
-        except WireError as error:
-            try:
-                on_malformed(raw, queue, job_id_of(raw), error)
-            except Exception:
-                log.exception("could not dead-letter an unreadable message on %s", queue)
+        envelope = _readable_or_dead_lettered(raw, queue)
+        if envelope is None:
             if recorded:  # held in Redis under a tag kombu never delivers: let it go
                 with contextlib.suppress(redis.RedisError):
-                    self.qos._remove_from_indices(envelope_tag(raw)).execute()
+                    self.qos._remove_from_indices(_field_of(raw, "properties", "delivery_tag")).execute()
             return
         if recorded:
             self.qos.recorded.add(envelope["properties"]["delivery_tag"])
