@@ -145,7 +145,10 @@ def test_a_batch_killed_mid_run_and_run_again_writes_each_line_exactly_once(work
 
 def test_a_cancelled_batch_keeps_what_finished_and_its_jobs_stop(worker, redis_server, client: Client,
                                                                  tmp_path: Path) -> None:
-    n = 30  # ~20 s of work on two CPU cores: the cancel (a CLI starting up) comes long before the end
+    # Over three times the worker's 64 slots, each job 1000 tokens: the last lines cannot start before
+    # three full waves end, long after the cancel (a CLI starting up, seconds on a loaded machine).
+    # With 30 lines, all ran at once and finished before the cancel CLI was up.
+    n = 200
     src = write_jsonl(tmp_path / "in.jsonl", [completion_line(f"x{i}", max_tokens=1000) for i in range(n)])
     out, errs = tmp_path / "out.jsonl", tmp_path / "errs.jsonl"
     batch_id = batch_id_for(fingerprint(src)[0])
