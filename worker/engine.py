@@ -27,6 +27,7 @@ from producer.errors import EngineDead
 from producer.protocol import ChatJob, CompletionJob, JobResult
 from producer.settings import Settings
 from worker import media
+from worker.engine_process import STACKS_SIGNAL
 from worker.framing import SyncChannel
 from worker.models import resolve_model
 from worker.results import JobStopped
@@ -39,6 +40,8 @@ STOP_TIMEOUT_S = 60.0
 EARLY_STOP_TTL_S = 60.0
 #: Stops kept at most before the old ones are dropped (every worker hears every cancel).
 EARLY_STOPS_MAX = 10_000
+#: How long the watchdog gives the engine process to print its threads' stacks before the kill.
+STACKS_WAIT_S = 1.0
 
 
 class EngineHolder:
@@ -69,6 +72,9 @@ class EngineHolder:
         self._ids = itertools.count()
         self._stopping = False
         self._last_pong = time.monotonic()
+        #: When the reader last read anything from the engine process: tells a silent engine
+        #: (nothing at all) from a worker too busy to read its answers.
+        self._last_frame = time.monotonic()
         #: Jobs handed to the engine process: job id -> its request number there.
         self._jobs: dict[str, int] = {}
         #: Stops heard for jobs not (yet) here: job id -> (why, when); kept ``EARLY_STOP_TTL_S``.
@@ -96,7 +102,7 @@ class EngineHolder:
             self._proc.wait(STOP_TIMEOUT_S)
             raise RuntimeError(reply[1])
         self.multimodal = reply[1]["multimodal"]
-        self._last_pong = time.monotonic()
+        self._last_pong = self._last_frame = time.monotonic()
         self._reader.start()
         self._watchdog.start()
 
@@ -200,19 +206,33 @@ class EngineHolder:
             time.sleep(interval)
             if self._stopping or self.dead:
                 return
-            silent = time.monotonic() - self._last_pong
+            now = time.monotonic()
+            silent = now - self._last_pong
             if silent > timeout:
+                self._dump_engine_stacks()
                 self._declare_dead(f"the engine process has not answered for {silent:.0f} s "
-                                   f"(worker.engine_ping_timeout_s = {timeout:g})")
+                                   f"(worker.engine_ping_timeout_s = {timeout:g})",
+                                   f"its last frame of any kind came {now - self._last_frame:.0f} s ago; "
+                                   "its threads' stacks are above")
                 return
             try:
                 self._channel.send(("ping", ping))
             except OSError:
                 return  # the reader sees the socket close and fails the jobs
 
-    def _declare_dead(self, why: str) -> None:
-        """Fail every job in flight with EngineDead (they go back to the queue) and kill the engine."""
-        log.error("%s; its jobs go back to the queue and the worker stops", why)
+    def _dump_engine_stacks(self) -> None:
+        """Have the engine process print every thread's stack to the log (``faulthandler``, set up
+        in ``worker.engine_process.main``): where a silent engine is stuck, before it is killed."""
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self._proc.pid, STACKS_SIGNAL)
+            time.sleep(STACKS_WAIT_S)
+
+    def _declare_dead(self, why: str, detail: str = "") -> None:
+        """Fail every job in flight with EngineDead (they go back to the queue) and kill the engine;
+        ``detail`` is for the log only."""
+        log.error("%s; %sits jobs go back to the queue and the worker stops", why, f"{detail}; " if detail else "")
         self.dead = True
         with self._lock:
             orphans, self._pending = list(self._pending.values()), {}
@@ -229,8 +249,9 @@ class EngineHolder:
                 kind, request_id, payload = self._channel.recv()
             except (EOFError, OSError):
                 break
+            self._last_frame = time.monotonic()
             if kind == "pong":
-                self._last_pong = time.monotonic()
+                self._last_pong = self._last_frame
                 continue
             if kind == "chunks":
                 # Before the jobs' "done" on this channel: their chunks are queued before their results.

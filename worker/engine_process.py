@@ -15,6 +15,7 @@ result goes back the moment it is final.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import pickle
@@ -36,6 +37,10 @@ from worker.framing import AsyncChannel
 from worker.results import JobStopped
 
 log = logging.getLogger("vqueue.engine")
+
+#: On this signal the engine process prints every thread's stack (``faulthandler``, from C, so
+#: also while its loop is stuck): the worker's watchdog sends it before it kills a silent engine.
+STACKS_SIGNAL = signal.SIGUSR1
 
 
 #: ``extra_args`` keys with which an operator has chosen the CUDA-graph sizes; then vqueue keeps out.
@@ -452,6 +457,7 @@ def main(fd: int) -> None:
     # shutdown); a Ctrl-C or SIGTERM sent to the whole group must not cut the jobs short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
 
     async def run() -> None:
         channel = await AsyncChannel.from_socket(socket.socket(fileno=fd))

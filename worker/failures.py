@@ -43,9 +43,9 @@ def job_field(parameter: str | None, default: str) -> str:
 
 def classify(exc: BaseException, field: str = "job") -> WireError | EngineDead:
     """``exc`` as vqueue's typed error; ``field`` is the job field a bad-input error is about."""
-    dead, invalid = _vllm_errors()
     if isinstance(exc, WireError | EngineDead):
-        return exc
+        return exc  # before vLLM's classes: the Celery worker's process never imports vLLM for these
+    dead, invalid = _vllm_errors()
     if isinstance(exc, dead):
         return EngineDead(f"vLLM engine died: {exc}")
     if isinstance(exc, invalid):
