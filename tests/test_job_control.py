@@ -187,6 +187,7 @@ def test_a_running_job_is_aborted_with_its_partial_output_and_the_next_job_succe
     time.sleep(1.5)  # some tokens out
     asked = time.time()
     said = client_ctl.cancel(running)
+    answered = time.time()
     assert said.startswith("cancelling: running on w1@"), said
     o = outcome(client_ctl, running, timeout=30)
     heard = time.time()
@@ -201,7 +202,10 @@ def test_a_running_job_is_aborted_with_its_partial_output_and_the_next_job_succe
     stop_ms = (partial.timings.finished_at - asked) * 1000
     print(f"\ncancel -> stopped in the engine {stop_ms:.1f} ms (~{stop_ms / 1000 / step_s:.1f} engine steps of "
           f"{step_s * 1000:.1f} ms); producer heard it after {(heard - asked) * 1000:.1f} ms")
-    assert stop_ms < 2000
+    # Stopped within 2 s of the cancel's reply, where the job had ~5 s left. From the reply, not from
+    # before the call: the test process itself was once paused ~3 s before its cancel reached Redis
+    # (CI, 2 busy cores; the worker aborted the job 4 ms after the cancel arrived).
+    assert t.finished_at - answered < 2.0, f"stopped {t.finished_at - answered:.2f} s after the cancel's reply"
     record = client_ctl.job(running)
     assert record.state == "cancelled" and record.usage == partial.usage
     # The engine serves on
