@@ -159,10 +159,10 @@ def test_a_cancelled_batch_keeps_what_finished_and_its_jobs_stop(worker, redis_s
         said = vqueue(redis_server.url, "batch", "cancel", batch_id).communicate(timeout=60)[1]
         assert "cancelling" in said, (said, client.redis.hgetall(keys.batch_key(batch_id)), runner.poll(),
                                       len(read_jsonl(out)), len(read_jsonl(errs)))
-        runner.communicate(timeout=120)
+        ran = runner.communicate(timeout=120)
     finally:
         runner.kill()
-    assert runner.returncode == 0
+    assert runner.returncode == 0, ran[1][-3000:]
     status = json.loads(vqueue(redis_server.url, "batch", "status", batch_id).communicate(timeout=60)[0])
     assert status["status"] == "cancelled"
     assert custom_ids(out, errs) == sorted(f"x{i}" for i in range(n))
