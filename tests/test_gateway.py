@@ -311,10 +311,12 @@ def test_client_disconnect_cancels_the_running_job(gateway: GatewayProcess, clie
     with pytest.raises(JobCancelled) as info:
         client.result(job_id, timeout=60)
     partial = info.value.partial
-    assert partial is not None and partial.usage.completion_tokens < 900
-    # Only a stream shows that tokens came before the client left; a plain request may go away
-    # before the first one (then its partial output is empty, as it should be)
-    assert partial.usage.completion_tokens > 0 or not stream
+    if stream:  # tokens came before the client left: the partial holds them, and not all 900
+        assert partial is not None and 0 < partial.usage.completion_tokens < 900, partial
+    else:
+        # A plain request may go away before the job reaches the engine (it is "running" from its
+        # pick-up): then it never runs and has no partial; else its partial is short of 900 tokens
+        assert partial is None or partial.usage.completion_tokens < 900, partial
     assert client.job(job_id).state == "cancelled"
     wait_for(lambda: worker_in_flight(r) == 0, 15, "the worker's in-flight count to drop to 0")
 
